@@ -1,0 +1,28 @@
+"""analysis-pipeline: long analysis jobs, phase by phase, with every step in SQL."""
+
+from pipeline.orchestrator import (
+    Executor,
+    PhaseFn,
+    Registry,
+    RegistryError,
+    RunCancelled,
+    RunContext,
+    load_registry,
+    start_run,
+    validate_registry,
+)
+from pipeline.runs import Run, RunStatus
+
+__all__ = [
+    "Executor",
+    "PhaseFn",
+    "Registry",
+    "RegistryError",
+    "Run",
+    "RunCancelled",
+    "RunContext",
+    "RunStatus",
+    "load_registry",
+    "start_run",
+    "validate_registry",
+]

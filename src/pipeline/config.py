@@ -1,0 +1,37 @@
+"""Settings, read once from the environment (``PIPELINE_*``).
+
+One object serves the CLI, the API, the workers and Alembic's ``env.py``, so
+that every entry point agrees on which database and which registry it uses.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./pipeline.db"
+DEFAULT_PHASES = "pipeline.example:PHASES"
+
+
+class Settings(BaseSettings):
+    """What DESIGN.md's configuration table promises, with its defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="PIPELINE_", extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    phases: str = DEFAULT_PHASES
+    max_concurrent_runs: int = Field(default=4, ge=1, le=256)
+    api_token: str | None = None
+    # A run on another host whose heartbeat is older than this is presumed lost.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    # How often the owner of a run refreshes its heartbeat and sub-progress.
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    # How often a server looks for runs whose runner died.
+    sweep_seconds: float = Field(default=30.0, gt=0)
+    # How long a writer waits for SQLite's lock before the request becomes a 503.
+    busy_timeout_ms: int = Field(default=5000, ge=0)
+
+
+def get_settings() -> Settings:
+    """Read the environment now (not at import), so tests can set it per test."""
+    return Settings()

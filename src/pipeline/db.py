@@ -1,0 +1,270 @@
+"""The one engine factory, SQLite's transaction discipline, and migrations.
+
+Every engine in the project (runner threads, the API, the CLI, Alembic) comes
+from :func:`create_engine`, so that every connection gets the same pragmas and
+the same transaction rules. The facts behind these rules were measured and are
+written down in DESIGN.md ("SQLite transactions"); the short version:
+
+* The stdlib driver begins transactions lazily and only before DML, so
+  ``with conn.begin():`` would not make a SELECT-then-UPDATE atomic, and DDL
+  or a CTE write would escape a rollback. We switch the driver to autocommit
+  (``isolation_level = None``) and emit BEGIN ourselves, as SQLAlchemy's
+  pysqlite documentation recommends.
+* Write transactions use ``BEGIN IMMEDIATE``: a deferred transaction that
+  reads and then writes after another connection committed fails at once with
+  "database is locked" (its WAL snapshot cannot be upgraded) and never waits
+  for the busy timeout. IMMEDIATE takes the write lock first and never hits
+  that. Read transactions (``read_only``) use a deferred BEGIN, so that
+  readers never wait for a writer (WAL lets them read the last commit).
+* BEGIN is sent just before the transaction's first statement, not when
+  ``begin()`` is called, so a phase that computes or fetches before it writes
+  holds no lock meanwhile.
+* SQLite's busy handler polls, so a thread that locks again right after each
+  commit starves the others. A FIFO gate, shared by every engine of the
+  process for one file, queues this process's writers in arrival order.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+READ_ONLY = "pipeline_read_only"
+_PENDING_BEGIN = "pipeline_pending_begin"
+_GATE_HELD = "pipeline_gate_held"
+
+
+class DatabaseBusy(Exception):
+    """The database stayed locked for longer than the busy timeout.
+
+    The API answers it with 503 and ``Retry-After``; the runner retries its
+    own bookkeeping writes on it.
+    """
+
+
+class _WriteGate:
+    """A ticket lock: the process's SQLite writers take the write lock in turn."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    def acquire(self, timeout: float) -> bool:
+        """Wait for our turn; give up (and leave the queue) after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._abandoned.add(ticket)
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def try_acquire(self) -> bool:
+        """Take the gate only if nobody holds it or waits for it."""
+        with self._cond:
+            if self._serving != self._next_ticket:
+                return False
+            self._next_ticket += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            while self._serving in self._abandoned:
+                self._abandoned.remove(self._serving)
+                self._serving += 1
+            self._cond.notify_all()
+
+
+_gates: dict[str, _WriteGate] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate_for(path: str) -> _WriteGate:
+    with _gates_lock:
+        return _gates.setdefault(path, _WriteGate())
+
+
+def is_sqlite(engine: Engine | Connection) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_engine(url: str, *, busy_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
+    """Build an engine; SQLite ones get the pragmas and transaction rules above."""
+    sa_url = sa.make_url(url)
+    if sa_url.get_backend_name() != "sqlite":
+        return sa.create_engine(sa_url, **kwargs)
+    kwargs.setdefault("connect_args", {}).setdefault("check_same_thread", False)
+    engine = sa.create_engine(sa_url, **kwargs)
+    database = sa_url.database or ""
+    in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    gate = None if in_memory else _gate_for(os.path.realpath(database))
+    _install_sqlite_listeners(engine, busy_timeout_ms, gate)
+    return engine
+
+
+def _install_sqlite_listeners(engine: Engine, busy_timeout_ms: int, gate: _WriteGate | None) -> None:
+    timeout_s = busy_timeout_ms / 1000
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, record: Any) -> None:
+        # Autocommit at the driver level: BEGIN is ours to send (see module doc).
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        # journal_mode and foreign_keys are ignored inside a transaction, so
+        # they come first. WAL is a property of the file (set for good by the
+        # first connection); foreign_keys is per connection.
+        dbapi_conn.execute("PRAGMA journal_mode = WAL")
+        dbapi_conn.execute("PRAGMA foreign_keys = ON")
+        dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.info[_PENDING_BEGIN] = "BEGIN" if read_only else "BEGIN IMMEDIATE"
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _before_execute(conn: Connection, cursor: Any, *args: Any) -> None:
+        begin = conn.info.pop(_PENDING_BEGIN, None)
+        if begin is None:
+            return
+        if begin == "BEGIN IMMEDIATE" and gate is not None:
+            if not gate.acquire(timeout_s):
+                raise sqlite3.OperationalError("database is locked (write queue timeout)")
+            conn.info[_GATE_HELD] = gate
+        try:
+            cursor.connection.execute(begin)
+        except BaseException:
+            _release_gate(conn.info)
+            raise
+
+    # The gate is released after COMMIT/ROLLBACK has really happened, so the
+    # next writer's BEGIN IMMEDIATE never meets our lock. The driver's own
+    # commit() that SQLAlchemy calls next is then a no-op.
+    @event.listens_for(engine, "commit")
+    def _on_commit(conn: Connection) -> None:
+        conn.info.pop(_PENDING_BEGIN, None)
+        try:
+            _dbapi(conn).commit()
+        finally:
+            _release_gate(conn.info)
+
+    @event.listens_for(engine, "rollback")
+    def _on_rollback(conn: Connection) -> None:
+        conn.info.pop(_PENDING_BEGIN, None)
+        try:
+            _dbapi(conn).rollback()
+        finally:
+            _release_gate(conn.info)
+
+    # A connection returned or thrown away with a transaction still open.
+    @event.listens_for(engine.pool, "checkin")
+    def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info.pop(_PENDING_BEGIN, None)
+            _release_gate(record.info)
+
+    @event.listens_for(engine.pool, "invalidate")
+    def _on_invalidate(dbapi_conn: Any, record: Any, exc: Any) -> None:
+        record.info.pop(_PENDING_BEGIN, None)
+        _release_gate(record.info)
+
+
+def _dbapi(conn: Connection) -> Any:
+    return conn.connection.dbapi_connection
+
+
+def _release_gate(info: dict[Any, Any]) -> None:
+    gate = info.pop(_GATE_HELD, None)
+    if gate is not None:
+        gate.release()
+
+
+def is_lock_error(exc: BaseException) -> bool:
+    """True for "database is locked"-like errors that a later attempt may not hit."""
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    if isinstance(orig, sqlite3.OperationalError):
+        code = getattr(orig, "sqlite_errorcode", None)
+        return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(orig)
+    # PostgreSQL: lock_not_available (lock_timeout) and serialization/deadlock
+    # failures, by SQLSTATE so that no driver import is needed here.
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return sqlstate in ("55P03", "40001", "40P01")
+
+
+@contextmanager
+def translate_errors() -> Iterator[None]:
+    """Turn driver lock errors into :class:`DatabaseBusy`, in one place."""
+    try:
+        yield
+    except (sa.exc.DBAPIError, sqlite3.OperationalError) as exc:
+        if is_lock_error(exc):
+            raise DatabaseBusy("the database is busy; try again shortly") from exc
+        raise
+
+
+@contextmanager
+def write(engine: Engine) -> Iterator[Connection]:
+    """One short write transaction (``BEGIN IMMEDIATE`` on SQLite)."""
+    with translate_errors(), engine.begin() as conn:
+        yield conn
+
+
+@contextmanager
+def read(engine: Engine) -> Iterator[Connection]:
+    """One read transaction: a consistent snapshot that never waits for writers."""
+    with translate_errors(), engine.connect() as conn:
+        conn = conn.execution_options(**{READ_ONLY: True})
+        with conn.begin():
+            yield conn
+
+
+# -- migrations ---------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    """Where the Alembic scripts are: inside the installed package, or the repo."""
+    packaged = Path(__file__).parent / "alembic"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "alembic"
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """``alembic upgrade``, for ``pipeline migrate`` and tests."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()

@@ -1,0 +1,604 @@
+"""The phase registry, the context a phase works with, and the runner threads.
+
+A run executes in a non-daemon thread with its own engine and connection.
+Each phase runs inside ``with conn.begin():`` together with the record that
+it completed and the boundary update for the next phase, so a phase is either
+wholly committed and recorded or not at all, and ``current_phase`` always
+names the phase in flight (DESIGN.md, "One run's life").
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Connection, Engine
+
+from pipeline import db, runs
+from pipeline.runs import RunStatus
+
+log = logging.getLogger("pipeline.orchestrator")
+
+PhaseFn = Callable[[Connection, "RunContext"], object]
+Phase = tuple[int, str, PhaseFn]
+Registry = Sequence[Phase]
+
+T = TypeVar("T")
+
+
+# -- the registry --------------------------------------------------------------
+
+
+class RegistryError(ValueError):
+    """A registry that would make runs lie about their phases."""
+
+
+def validate_registry(phases: object) -> list[Phase]:
+    """Check the registry's shape before any run starts, and return it as a list."""
+    if isinstance(phases, str | bytes) or not isinstance(phases, Sequence):
+        raise RegistryError(
+            f"a registry is a list of (phase_num, phase_label, callable), not {type(phases).__name__}"
+        )
+    if not phases:
+        raise RegistryError("the registry has no phases")
+    checked: list[Phase] = []
+    for index, entry in enumerate(phases, start=1):
+        if not isinstance(entry, tuple) or len(entry) != 3:
+            raise RegistryError(f"entry {index} is not a (phase_num, phase_label, callable) tuple")
+        num, label, fn = entry
+        if isinstance(num, bool) or not isinstance(num, int):
+            raise RegistryError(f"entry {index}: phase number {num!r} is not an integer")
+        if num != index:
+            problem = "repeats" if any(n == num for n, _, _ in checked) else "is out of order"
+            raise RegistryError(
+                f"entry {index}: phase number {num} {problem}; "
+                f"phases must be numbered 1..n with no gaps or repeats (expected {index})"
+            )
+        if not isinstance(label, str) or not label.strip():
+            raise RegistryError(f"phase {num}: the label must be a non-empty string")
+        if not callable(fn):
+            raise RegistryError(f"phase {num} ({label}): {fn!r} is not callable")
+        checked.append((num, label, fn))
+    return checked
+
+
+def load_registry(spec: str) -> list[Phase]:
+    """Import ``package.module:NAME`` and validate it (``PIPELINE_PHASES``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise RegistryError(f"PIPELINE_PHASES must look like 'package.module:NAME', not {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RegistryError(f"cannot import {module_name!r} for the registry: {exc}") from exc
+    try:
+        phases = getattr(module, attr)
+    except AttributeError:
+        raise RegistryError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return validate_registry(phases)
+
+
+def phase_labels(registry: Registry) -> list[tuple[int, str]]:
+    return [(num, label) for num, label, _ in registry]
+
+
+# -- what a phase may use -------------------------------------------------------
+
+
+class RunCancelled(Exception):
+    """Raised by :meth:`RunContext.raise_if_cancelled`; the phase rolls back."""
+
+
+class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Every record names its run and phase, in the message and as attributes."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"run {extra.get('run_id')} phase {extra.get('phase')}: {msg}", kwargs
+
+
+class RunContext:
+    """What a phase knows about its run, and how it reports back."""
+
+    def __init__(self, run_id: int, params: Mapping[str, Any]) -> None:
+        self.run_id = run_id
+        self.params = params
+        self.phase_num = 0
+        self.phase_label = ""
+        self.warnings: list[str] = []
+        self.logger = RunLogger(logging.getLogger("pipeline.run"), {"run_id": run_id, "phase": None})
+        self._phase_warnings_from = 0
+        self._cancel = threading.Event()
+        # (phase_num, current, total): one tuple, replaced whole, so the
+        # heartbeat thread and the API read it without a lock.
+        self._progress: tuple[int, int | None, int | None] = (0, None, None)
+
+    def warn(self, message: str) -> None:
+        """Record a non-fatal problem; it is kept even if the phase fails later."""
+        message = str(message)
+        self.warnings.append(message)
+        self.logger.warning("%s", message)
+
+    def progress(self, current: int, total: int | None = None) -> None:
+        """Sub-progress inside the phase; cheap, never blocks, never raises.
+
+        Nonsense is clamped (negative, beyond the total) or ignored (a total
+        of zero or less, a value that is not a number), and a fraction that
+        would go backwards is ignored, so the run's percent never drops.
+        """
+        try:
+            cur = int(current)
+            tot = None if total is None else int(total)
+        except (TypeError, ValueError, OverflowError):
+            return
+        if tot is not None and tot <= 0:
+            tot = None
+        cur = max(cur, 0)
+        if tot is not None:
+            cur = min(cur, tot)
+        phase, old_cur, old_tot = self._progress
+        if phase == self.phase_num and old_tot and old_cur is not None:
+            if tot is None or cur * old_tot < old_cur * tot:
+                return
+        self._progress = (self.phase_num, cur, tot)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Stop now if cancel was asked: this phase's writes roll back."""
+        if self._cancel.is_set():
+            raise RunCancelled("cancelled")
+
+    # -- for the runner --
+
+    def _enter_phase(self, num: int, label: str) -> None:
+        self.phase_num = num
+        self.phase_label = label
+        self._phase_warnings_from = len(self.warnings)
+        self._progress = (num, None, None)
+        self.logger = RunLogger(
+            logging.getLogger("pipeline.run"), {"run_id": self.run_id, "phase": num}
+        )
+
+    def _phase_warnings(self) -> list[str]:
+        return [str(w) for w in self.warnings[self._phase_warnings_from :]]
+
+
+# -- who runs what --------------------------------------------------------------
+
+
+def _process_start() -> str:
+    """The process's start time in clock ticks since boot: tells a reused pid apart."""
+    return _read_start(os.getpid()) or "0"
+
+
+def _read_start(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+HOST = socket.gethostname()
+
+
+def process_identity() -> str:
+    return f"{HOST}:{os.getpid()}:{_process_start()}"
+
+
+def owner_is_dead(owner: str, heartbeat_at: dt.datetime | None, *, lease_seconds: float) -> bool:
+    """Known dead on this host (process gone), or silent for longer than the lease elsewhere."""
+    try:
+        host, pid_text, started, _thread = owner.split(":", 3)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host == HOST:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        actual = _read_start(pid)
+        return actual is not None and started != "0" and actual != started
+    if heartbeat_at is None:
+        return False
+    return (runs.utcnow() - heartbeat_at).total_seconds() > lease_seconds
+
+
+def _retry_on_lock(action: Callable[[], T], *, what: str, attempts: int = 6) -> T:
+    """Bookkeeping writes wait out a transient lock (exponential backoff, jitter)."""
+    delay = 0.05
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except db.DatabaseBusy:
+            if attempt == attempts:
+                raise
+            log.warning("%s: database busy, retrying (attempt %d)", what, attempt)
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _tx(conn: Connection) -> Iterator[Connection]:
+    with db.translate_errors(), conn.begin():
+        yield conn
+
+
+class Executor:
+    """Executes runs of one registry against one database, inside this process.
+
+    Up to ``max_concurrent`` runner threads claim queued runs in id order, each
+    with its own engine and connection, until the queue is empty. A heartbeat
+    thread keeps the owned runs' ``heartbeat_at`` and sub-progress fresh and
+    learns of cancel requests made by other processes.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        registry: Registry,
+        *,
+        max_concurrent: int = 4,
+        heartbeat_seconds: float = 1.0,
+        busy_timeout_ms: int = 5000,
+    ) -> None:
+        self.url = url
+        self.registry = validate_registry(registry)
+        self.max_concurrent = max_concurrent
+        self.heartbeat_seconds = heartbeat_seconds
+        self.busy_timeout_ms = busy_timeout_ms
+        self.identity = process_identity()
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[RunContext, str]] = {}
+        self._threads: set[threading.Thread] = set()
+        self._runners = 0
+        self._recheck = False
+        self._stopping = threading.Event()
+        self._beat_wake = threading.Event()
+        self._beat_thread: threading.Thread | None = None
+        self._serial = 0
+
+    # -- starting runs --
+
+    def submit(self, params: Mapping[str, Any], *, engine: Engine) -> int:
+        """Queue a run (the API's way) and wake a runner if a slot is free."""
+        run_id = _retry_on_lock(
+            lambda: self._insert(engine, params, owner=None), what="queue a run"
+        )
+        self.wake()
+        return run_id
+
+    def start_reserved(self, params: Mapping[str, Any]) -> tuple[int, threading.Thread]:
+        """Create a run owned by this process from the start and execute it in a new thread.
+
+        No other executor may claim it (``pipeline run --wait``, :func:`start_run`).
+        """
+        engine = db.create_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
+        try:
+            owner = f"{self.identity}:pipeline-run-reserved"
+            run_id = _retry_on_lock(
+                lambda: self._insert(engine, params, owner=owner), what="create a run"
+            )
+        finally:
+            engine.dispose()
+        thread = threading.Thread(
+            target=self._runner,
+            kwargs={"reserved": (run_id, owner)},
+            name=f"pipeline-run-{run_id}",
+            daemon=False,
+        )
+        self._start(thread)
+        return run_id, thread
+
+    @staticmethod
+    def _insert(engine: Engine, params: Mapping[str, Any], *, owner: str | None) -> int:
+        with db.write(engine) as conn:
+            return runs.create_run(conn, params=params, owner=owner)
+
+    def wake(self) -> None:
+        """Make sure queued runs get a runner, up to the concurrency limit."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._recheck = True
+            if self._runners >= self.max_concurrent:
+                return
+            self._runners += 1
+            self._serial += 1
+            thread = threading.Thread(
+                target=self._runner, name=f"pipeline-runner-{self._serial}", daemon=False
+            )
+        self._start(thread)
+
+    def _start(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def _next_claim(self) -> bool:
+        """After an empty claim: claim again if something was queued meanwhile, else retire."""
+        with self._lock:
+            if self._recheck and not self._stopping.is_set():
+                self._recheck = False
+                return True
+            self._runners -= 1
+            return False
+
+    # -- the runner thread --
+
+    def _runner(self, reserved: tuple[int, str] | None = None) -> None:
+        thread = threading.current_thread()
+        base_name = thread.name
+        counted = reserved is None
+        engine = db.create_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
+        conn = engine.connect()
+        try:
+            if reserved is not None:
+                self._claim_and_execute(conn, run_id=reserved[0], owner=reserved[1])
+                return
+            while not self._stopping.is_set():
+                with self._lock:
+                    self._recheck = False
+                claimed = self._claim_and_execute(conn, owner=None)
+                thread.name = base_name
+                if conn.closed or conn.invalidated:  # a phase closed it: start afresh
+                    conn = engine.connect()
+                if not claimed and not self._next_claim():
+                    counted = False
+                    return
+        except BaseException:
+            log.exception("runner thread %s crashed", thread.name)
+        finally:
+            with self._lock:
+                if counted:
+                    self._runners -= 1
+                self._threads.discard(thread)
+            conn.close()
+            engine.dispose()
+
+    def _claim_and_execute(self, conn: Connection, *, owner: str | None, run_id: int | None = None) -> bool:
+        """Claim one run and execute it; False when there was nothing to claim."""
+        thread = threading.current_thread()
+        owner = owner or f"{self.identity}:{thread.name}"
+        labels = phase_labels(self.registry)
+
+        def claim() -> runs.Claimed | None:
+            with _tx(conn):
+                return runs.claim(conn, owner=owner, phases=labels, run_id=run_id)
+
+        claimed = _retry_on_lock(claim, what="claim a run")
+        if claimed is None:
+            return False
+        if run_id is None:
+            thread.name = f"pipeline-run-{claimed.run_id}"
+        self._execute(conn, claimed, owner)
+        return True
+
+    def _execute(self, conn: Connection, claimed: runs.Claimed, owner: str) -> None:
+        ctx = RunContext(claimed.run_id, claimed.params)
+        if claimed.cancel_requested:
+            ctx._cancel.set()
+        with self._lock:
+            self._active[claimed.run_id] = (ctx, owner)
+        self._ensure_heartbeat()
+        try:
+            for index in range(claimed.first_phase - 1, len(self.registry)):
+                num, label, fn = self.registry[index]
+                following = self.registry[index + 1] if index + 1 < len(self.registry) else None
+                ctx._enter_phase(num, label)
+                try:
+                    status = self._run_phase(conn, ctx, fn, owner, following)
+                except BaseException as exc:  # noqa: BLE001 - every escape ends the run truthfully
+                    self._record_end(conn, ctx, owner, exc)
+                    return
+                if status is RunStatus.COMPLETED:
+                    ctx.logger.info("run completed")
+                if status is RunStatus.CANCELLED:
+                    ctx.logger.info("run cancelled at the boundary after phase %d", num)
+                if status is not RunStatus.RUNNING:
+                    return
+        finally:
+            with self._lock:
+                self._active.pop(claimed.run_id, None)
+
+    def _run_phase(
+        self,
+        conn: Connection,
+        ctx: RunContext,
+        fn: PhaseFn,
+        owner: str,
+        following: Phase | None,
+    ) -> RunStatus:
+        ctx.logger.info("phase started: %s", ctx.phase_label)
+        with db.translate_errors(), conn.begin() as tx:
+            result = fn(conn, ctx)
+            if result is not None:
+                ctx.logger.debug("phase returned %r; the value is ignored", result)
+            if conn.closed or not tx.is_active:
+                raise RuntimeError(
+                    f"phase {ctx.phase_num} ({ctx.phase_label}) committed, rolled back or closed "
+                    "the connection it was given; a phase must leave its transaction to the runner"
+                )
+            return runs.finish_phase(
+                conn,
+                run_id=ctx.run_id,
+                owner=owner,
+                phase_num=ctx.phase_num,
+                next_phase=None if following is None else (following[0], following[1]),
+                warnings=ctx._phase_warnings(),
+            )
+
+    def _record_end(self, conn: Connection, ctx: RunContext, owner: str, exc: BaseException) -> None:
+        """After the phase rolled back: mark the run failed (or cancelled), never raise."""
+        if isinstance(exc, runs.RunLost):
+            ctx.logger.error("run was taken from this runner (swept as interrupted); stopping")
+            return
+        if isinstance(exc, RunCancelled):
+            status, message = RunStatus.CANCELLED, None
+            ctx.logger.info("run cancelled inside phase %d; its writes were rolled back", ctx.phase_num)
+        else:
+            status, message = RunStatus.FAILED, str(exc) or type(exc).__name__
+            ctx.logger.error("phase failed: %s", message, exc_info=exc)
+        try:
+            if conn.closed or conn.invalidated:
+                conn = conn.engine.connect()
+            if conn.in_transaction():
+                conn.rollback()
+
+            def write() -> bool:
+                with _tx(conn):
+                    return runs.end_run(
+                        conn,
+                        run_id=ctx.run_id,
+                        owner=owner,
+                        phase_num=ctx.phase_num,
+                        status=status,
+                        error_message=message,
+                        warnings=ctx._phase_warnings(),
+                    )
+
+            if not _retry_on_lock(write, what=f"record the end of run {ctx.run_id}"):
+                ctx.logger.error("run was no longer owned by this runner; its end was not recorded")
+        except BaseException:  # noqa: BLE001 - the thread must end, whatever happens
+            ctx.logger.exception("could not record the end of the run")
+
+    # -- in-process views --
+
+    def live_progress(self, run_id: int) -> tuple[int, int | None, int | None] | None:
+        """The freshest sub-progress of a run executing here (the API overlays it)."""
+        entry = self._active.get(run_id)
+        return None if entry is None else entry[0]._progress
+
+    def notify_cancel(self, run_id: int) -> None:
+        """A cancel request made in this process reaches the phase at once."""
+        entry = self._active.get(run_id)
+        if entry is not None:
+            entry[0]._cancel.set()
+
+    def active_runs(self) -> list[int]:
+        with self._lock:
+            return list(self._active)
+
+    # -- heartbeat --
+
+    def _ensure_heartbeat(self) -> None:
+        with self._lock:
+            if self._beat_thread is not None:
+                return
+            self._beat_thread = threading.Thread(
+                target=self._heartbeat_loop, name="pipeline-heartbeat", daemon=True
+            )
+            self._beat_thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        """Write heartbeats and throttled sub-progress; never on a phase's thread.
+
+        It gives up at once when SQLite's lock is busy (a phase is writing):
+        the next tick writes instead, and the API of this process reads the
+        in-memory progress meanwhile.
+        """
+        engine = db.create_engine(self.url, busy_timeout_ms=0)
+        written: dict[int, tuple[int, int | None, int | None]] = {}
+        last_beat = 0.0
+        try:
+            while not self._beat_wake.wait(self.heartbeat_seconds):
+                with self._lock:
+                    active = dict(self._active)
+                    if not active:
+                        self._beat_thread = None
+                        return
+                due = time.monotonic() - last_beat >= 5 * self.heartbeat_seconds
+                beats = [
+                    runs.Beat(run_id, owner, *ctx._progress)
+                    for run_id, (ctx, owner) in active.items()
+                    if due or written.get(run_id) != ctx._progress
+                ]
+                if not beats:
+                    continue
+                try:
+                    with db.write(engine) as conn:
+                        answer = runs.heartbeat(conn, beats=beats)
+                except db.DatabaseBusy:
+                    continue
+                except Exception:
+                    log.exception("heartbeat failed; will try again")
+                    continue
+                last_beat = time.monotonic() if due else last_beat
+                for beat in beats:
+                    written[beat.run_id] = (beat.phase_num, beat.current, beat.total)
+                for run_id, cancel in answer.items():
+                    if cancel:
+                        active[run_id][0]._cancel.set()
+        finally:
+            engine.dispose()
+
+    # -- housekeeping --
+
+    def sweep(self, engine: Engine, *, lease_seconds: float) -> list[int]:
+        """Fail runs whose runner is gone (DESIGN, "One run's life", step 7)."""
+
+        def is_dead(owner: str, heartbeat_at: dt.datetime | None) -> bool:
+            return owner_is_dead(owner, heartbeat_at, lease_seconds=lease_seconds)
+
+        def write() -> list[int]:
+            with db.write(engine) as conn:
+                return runs.sweep_interrupted(conn, is_dead=is_dead)
+
+        swept = _retry_on_lock(write, what="sweep interrupted runs")
+        for run_id in swept:
+            log.warning("run %s was interrupted (its runner is gone); marked failed", run_id)
+        return swept
+
+    def shutdown(self, *, wait: bool = True, timeout: float | None = None) -> bool:
+        """Claim nothing new; with ``wait``, let running runs finish. True if all ended."""
+        self._stopping.set()
+        if not wait:
+            return not self._threads
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                threads = list(self._threads)
+            if not threads:
+                break
+            for thread in threads:
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+                thread.join(remaining)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        self._beat_wake.set()
+        with self._lock:
+            return not self._threads
+
+
+def start_run(
+    url: str,
+    params: Mapping[str, Any] | None = None,
+    registry: Registry | None = None,
+) -> tuple[int, threading.Thread]:
+    """Create a run and execute it at once in a non-daemon thread named after it.
+
+    Returns the run id and the thread (join it to wait for the outcome).
+    """
+    if registry is None:
+        from pipeline.config import get_settings
+
+        registry = load_registry(get_settings().phases)
+    return Executor(url, registry).start_reserved(params or {})

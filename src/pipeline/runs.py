@@ -1,0 +1,611 @@
+"""Every query about runs, their phases and warnings.
+
+Nothing else in the project writes SQL about runs. Each function does one
+thing inside the connection (and transaction) its caller gives it, so the
+runner can put a phase's writes, its completion record and the next phase's
+boundary in one transaction, while the API uses one short transaction per
+request.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, RowMapping
+
+from pipeline.schema import analysis_runs as runs_t
+from pipeline.schema import run_phases as phases_t
+from pipeline.schema import run_warnings as warnings_t
+
+
+class RunStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseRecord:
+    num: int
+    label: str
+    status: str
+    attempts: int
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def duration_ms(self) -> int | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return round((self.finished_at - self.started_at).total_seconds() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class RunWarning:
+    phase: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One row of ``analysis_runs`` with its phases and warnings, as clients see it."""
+
+    id: int
+    status: RunStatus
+    params: Mapping[str, Any]
+    current_phase: int | None
+    phase_label: str | None
+    progress_current: int
+    progress_total: int | None
+    phase_progress_current: int | None
+    phase_progress_total: int | None
+    error_message: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    completed_at: dt.datetime | None
+    cancel_requested_at: dt.datetime | None
+    warnings: tuple[RunWarning, ...] = ()
+    phases: tuple[PhaseRecord, ...] = ()
+
+    @classmethod
+    def from_row(
+        cls,
+        row: RowMapping,
+        *,
+        warnings: Iterable[RunWarning] = (),
+        phases: Iterable[PhaseRecord] = (),
+    ) -> Run:
+        return cls(
+            id=row["id"],
+            status=RunStatus(row["status"]),
+            params=row["params"],
+            current_phase=row["current_phase"],
+            phase_label=row["phase_label"],
+            progress_current=row["progress_current"],
+            progress_total=row["progress_total"],
+            phase_progress_current=row["phase_progress_current"],
+            phase_progress_total=row["phase_progress_total"],
+            error_message=row["error_message"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+            cancel_requested_at=row["cancel_requested_at"],
+            warnings=tuple(warnings),
+            phases=tuple(phases),
+        )
+
+    @property
+    def percent(self) -> float:
+        """Completed phases plus the current phase's fraction; 100 only when completed."""
+        if self.status is RunStatus.COMPLETED:
+            return 100.0
+        if not self.progress_total:
+            return 0.0
+        fraction = 0.0
+        if (
+            self.status is RunStatus.RUNNING
+            and self.phase_progress_total
+            and self.phase_progress_current is not None
+        ):
+            fraction = min(max(self.phase_progress_current / self.phase_progress_total, 0.0), 1.0)
+        value = round(100 * (self.progress_current + fraction) / self.progress_total, 1)
+        return min(value, 99.9)
+
+
+# -- reading -----------------------------------------------------------------
+
+_RUN_COLUMNS = [c for c in runs_t.c if c.name not in ("owner", "heartbeat_at")]
+
+
+def get_run(conn: Connection, *, run_id: int) -> Run | None:
+    row = conn.execute(sa.select(*_RUN_COLUMNS).where(runs_t.c.id == run_id)).mappings().first()
+    if row is None:
+        return None
+    return _with_details(conn, [row])[0]
+
+
+def list_runs(
+    conn: Connection,
+    *,
+    status: RunStatus | None = None,
+    limit: int = 50,
+    before: int | None = None,
+) -> tuple[list[Run], int | None]:
+    """Newest first; returns the page and the cursor for the next one (or None)."""
+    query = sa.select(*_RUN_COLUMNS).order_by(runs_t.c.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(runs_t.c.status == status.value)
+    if before is not None:
+        query = query.where(runs_t.c.id < before)
+    rows = list(conn.execute(query).mappings())
+    more = len(rows) > limit
+    page = _with_details(conn, rows[:limit])
+    return page, (page[-1].id if more and page else None)
+
+
+def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
+    ids = [row["id"] for row in rows]
+    if not ids:
+        return []
+    warnings: dict[int, list[RunWarning]] = {i: [] for i in ids}
+    query = (
+        sa.select(warnings_t.c.run_id, warnings_t.c.phase, warnings_t.c.message)
+        .where(warnings_t.c.run_id.in_(ids))
+        .order_by(warnings_t.c.run_id, warnings_t.c.id)
+    )
+    for w in conn.execute(query):
+        warnings[w.run_id].append(RunWarning(phase=w.phase, message=w.message))
+    phases: dict[int, list[PhaseRecord]] = {i: [] for i in ids}
+    query = (
+        sa.select(phases_t)
+        .where(phases_t.c.run_id.in_(ids))
+        .order_by(phases_t.c.run_id, phases_t.c.phase_num)
+    )
+    for p in conn.execute(query):
+        phases[p.run_id].append(
+            PhaseRecord(
+                num=p.phase_num,
+                label=p.label,
+                status=p.status,
+                attempts=p.attempts,
+                started_at=p.started_at,
+                finished_at=p.finished_at,
+            )
+        )
+    return [
+        Run.from_row(row, warnings=warnings[row["id"]], phases=phases[row["id"]]) for row in rows
+    ]
+
+
+def get_status(conn: Connection, *, run_id: int, for_update: bool = False) -> RunStatus | None:
+    """The run's status; ``for_update`` locks the row (PostgreSQL) until the transaction ends."""
+    query = sa.select(runs_t.c.status).where(runs_t.c.id == run_id)
+    if for_update:
+        query = query.with_for_update()
+    value = conn.execute(query).scalar()
+    return None if value is None else RunStatus(value)
+
+
+def count_by_status(conn: Connection) -> dict[RunStatus, int]:
+    query = sa.select(runs_t.c.status, sa.func.count()).group_by(runs_t.c.status)
+    counts = dict.fromkeys(RunStatus, 0)
+    for status, count in conn.execute(query):
+        counts[RunStatus(status)] = count
+    return counts
+
+
+# -- what clients do ----------------------------------------------------------
+
+
+def create_run(
+    conn: Connection, *, params: Mapping[str, Any], owner: str | None = None
+) -> int:
+    """Insert a queued run; with ``owner`` it is reserved for that process."""
+    result = conn.execute(
+        sa.insert(runs_t)
+        .values(
+            status=RunStatus.QUEUED.value,
+            params=dict(params),
+            progress_current=0,
+            created_at=utcnow(),
+            owner=owner,
+        )
+        .returning(runs_t.c.id)
+    )
+    return int(result.scalar_one())
+
+
+class Outcome(enum.Enum):
+    """What a cancel or resume request did."""
+
+    DONE = "done"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+
+
+def request_cancel(conn: Connection, *, run_id: int) -> Outcome:
+    """A queued run is cancelled at once; a running one is asked to stop."""
+    now = utcnow()
+    status = get_status(conn, run_id=run_id, for_update=True)
+    if status is None:
+        return Outcome.NOT_FOUND
+    if status is RunStatus.QUEUED:
+        conn.execute(
+            sa.update(runs_t)
+            .where(runs_t.c.id == run_id)
+            .values(
+                status=RunStatus.CANCELLED.value,
+                cancel_requested_at=now,
+                completed_at=now,
+                owner=None,
+            )
+        )
+    elif status is RunStatus.RUNNING:
+        conn.execute(
+            sa.update(runs_t)
+            .where(runs_t.c.id == run_id, runs_t.c.cancel_requested_at.is_(None))
+            .values(cancel_requested_at=now)
+        )
+    elif status is not RunStatus.CANCELLED:
+        return Outcome.CONFLICT
+    return Outcome.DONE
+
+
+def resume(conn: Connection, *, run_id: int) -> Outcome:
+    """Put a failed or cancelled run back in the queue; completed phases stay done."""
+    status = get_status(conn, run_id=run_id, for_update=True)
+    if status is None:
+        return Outcome.NOT_FOUND
+    if status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        return Outcome.CONFLICT
+    conn.execute(
+        sa.update(runs_t)
+        .where(runs_t.c.id == run_id)
+        .values(
+            status=RunStatus.QUEUED.value,
+            error_message=None,
+            completed_at=None,
+            cancel_requested_at=None,
+            phase_progress_current=None,
+            phase_progress_total=None,
+            owner=None,
+        )
+    )
+    conn.execute(
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run_id, phases_t.c.status != "completed")
+        .values(status="pending", finished_at=None)
+    )
+    return Outcome.DONE
+
+
+# -- what the runner does -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A run this process now owns, and where to start it."""
+
+    run_id: int
+    params: Mapping[str, Any]
+    first_phase: int
+    cancel_requested: bool
+
+
+def _owned(run_id: int, owner: str) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        runs_t.c.id == run_id,
+        runs_t.c.owner == owner,
+        runs_t.c.status == RunStatus.RUNNING.value,
+    )
+
+
+def claim(
+    conn: Connection,
+    *,
+    owner: str,
+    phases: Sequence[tuple[int, str]],
+    run_id: int | None = None,
+) -> Claimed | None:
+    """Take the oldest unreserved queued run (or ``run_id``, reserved for us) and mark it running.
+
+    Call it in a write transaction: ``BEGIN IMMEDIATE`` on SQLite, and
+    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, make it safe for many claimers.
+    """
+    query = sa.select(runs_t.c.id, runs_t.c.params).where(
+        runs_t.c.status == RunStatus.QUEUED.value
+    )
+    if run_id is None:
+        query = query.where(runs_t.c.owner.is_(None)).order_by(runs_t.c.id).limit(1)
+    else:
+        query = query.where(runs_t.c.id == run_id, runs_t.c.owner == owner)
+    row = conn.execute(query.with_for_update(skip_locked=True)).first()
+    if row is None:
+        return None
+    now = utcnow()
+    known = {
+        num: status
+        for num, status in conn.execute(
+            sa.select(phases_t.c.phase_num, phases_t.c.status).where(phases_t.c.run_id == row.id)
+        )
+    }
+    missing = [(num, label) for num, label in phases if num not in known]
+    if missing:
+        conn.execute(
+            sa.insert(phases_t),
+            [
+                {"run_id": row.id, "phase_num": n, "label": lb, "status": "pending", "attempts": 0}
+                for n, lb in missing
+            ],
+        )
+    first = next((n for n, _ in phases if known.get(n) != "completed"), None)
+    if first is None:  # every phase already committed: nothing left to do
+        conn.execute(
+            sa.update(runs_t)
+            .where(runs_t.c.id == row.id)
+            .values(
+                status=RunStatus.COMPLETED.value,
+                progress_current=len(phases),
+                progress_total=len(phases),
+                completed_at=now,
+                started_at=sa.func.coalesce(runs_t.c.started_at, now),
+            )
+        )
+        return None
+    label = dict(phases)[first]
+    result = conn.execute(
+        sa.update(runs_t)
+        .where(runs_t.c.id == row.id)
+        .values(
+            status=RunStatus.RUNNING.value,
+            started_at=sa.func.coalesce(runs_t.c.started_at, now),
+            current_phase=first,
+            phase_label=label,
+            progress_current=first - 1,
+            progress_total=len(phases),
+            phase_progress_current=None,
+            phase_progress_total=None,
+            owner=owner,
+            heartbeat_at=now,
+        )
+        .returning(runs_t.c.cancel_requested_at)
+    )
+    cancel_requested = result.scalar() is not None
+    _start_phase(conn, run_id=row.id, phase_num=first, now=now)
+    return Claimed(row.id, row.params, first, cancel_requested)
+
+
+def _start_phase(conn: Connection, *, run_id: int, phase_num: int, now: dt.datetime) -> None:
+    conn.execute(
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
+        .values(
+            status="running",
+            attempts=phases_t.c.attempts + 1,
+            started_at=now,
+            finished_at=None,
+        )
+    )
+
+
+class RunLost(Exception):
+    """The run is no longer ours (swept as interrupted, or otherwise taken)."""
+
+
+def finish_phase(
+    conn: Connection,
+    *,
+    run_id: int,
+    owner: str,
+    phase_num: int,
+    next_phase: tuple[int, str] | None,
+    warnings: Sequence[str],
+) -> RunStatus:
+    """Record phase ``phase_num`` complete and cross the boundary to the next one.
+
+    Runs inside the phase's own transaction, so the phase's writes and this
+    record commit together. Returns the run's status after the boundary:
+    running, completed, or cancelled (a cancel request waiting at this boundary).
+    """
+    now = utcnow()
+    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings, now=now)
+    conn.execute(
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
+        .values(status="completed", finished_at=now)
+    )
+    if next_phase is None:
+        values: dict[str, Any] = {
+            "status": RunStatus.COMPLETED.value,
+            "progress_current": phase_num,
+            "completed_at": now,
+            "phase_progress_current": None,
+            "phase_progress_total": None,
+        }
+    else:
+        values = {
+            "current_phase": next_phase[0],
+            "phase_label": next_phase[1],
+            "progress_current": phase_num,
+            "phase_progress_current": None,
+            "phase_progress_total": None,
+            "heartbeat_at": now,
+        }
+    result = conn.execute(
+        sa.update(runs_t)
+        .where(_owned(run_id, owner))
+        .values(**values)
+        .returning(runs_t.c.cancel_requested_at)
+    ).first()
+    if result is None:
+        raise RunLost(f"run {run_id} is no longer owned by this runner")
+    if next_phase is None:
+        return RunStatus.COMPLETED
+    if result.cancel_requested_at is not None:
+        conn.execute(
+            sa.update(runs_t)
+            .where(runs_t.c.id == run_id)
+            .values(status=RunStatus.CANCELLED.value, completed_at=now)
+        )
+        return RunStatus.CANCELLED
+    _start_phase(conn, run_id=run_id, phase_num=next_phase[0], now=now)
+    return RunStatus.RUNNING
+
+
+def end_run(
+    conn: Connection,
+    *,
+    run_id: int,
+    owner: str,
+    phase_num: int,
+    status: RunStatus,
+    error_message: str | None,
+    warnings: Sequence[str],
+) -> bool:
+    """Mark the run failed or cancelled, after the phase in flight rolled back.
+
+    Keeps the warnings that phase recorded. False if the run was not ours any more.
+    """
+    now = utcnow()
+    result = conn.execute(
+        sa.update(runs_t)
+        .where(_owned(run_id, owner))
+        .values(
+            status=status.value,
+            error_message=error_message,
+            completed_at=now,
+            phase_progress_current=None,
+            phase_progress_total=None,
+        )
+    )
+    if result.rowcount == 0:
+        return False
+    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings, now=now)
+    conn.execute(
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
+        .values(status=status.value, finished_at=now)
+    )
+    return True
+
+
+def add_warnings(
+    conn: Connection,
+    *,
+    run_id: int,
+    phase: int | None,
+    messages: Sequence[str],
+    now: dt.datetime,
+) -> None:
+    if messages:
+        conn.execute(
+            sa.insert(warnings_t),
+            [{"run_id": run_id, "phase": phase, "message": m, "created_at": now} for m in messages],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What a runner's heartbeat writes for one run: its sub-progress."""
+
+    run_id: int
+    owner: str
+    phase_num: int
+    current: int | None
+    total: int | None
+
+
+def heartbeat(conn: Connection, *, beats: Sequence[Beat]) -> dict[int, bool]:
+    """Refresh heartbeat and sub-progress; returns, per run still ours, whether cancel was asked."""
+    now = utcnow()
+    answer: dict[int, bool] = {}
+    for beat in beats:
+        row = conn.execute(
+            sa.update(runs_t)
+            .where(_owned(beat.run_id, beat.owner), runs_t.c.current_phase == beat.phase_num)
+            .values(
+                heartbeat_at=now,
+                phase_progress_current=beat.current,
+                phase_progress_total=beat.total,
+            )
+            .returning(runs_t.c.cancel_requested_at)
+        ).first()
+        if row is not None:
+            answer[beat.run_id] = row.cancel_requested_at is not None
+    return answer
+
+
+def sweep_interrupted(
+    conn: Connection,
+    *,
+    is_dead: Callable[[str, dt.datetime | None], bool],
+) -> list[int]:
+    """Fail the runs whose runner is gone; ``is_dead(owner, heartbeat_at)`` decides.
+
+    Queued runs reserved by a dead process (``pipeline run --wait`` killed
+    before it started) are failed too: nobody else would ever start them.
+    """
+    rows = conn.execute(
+        sa.select(
+            runs_t.c.id,
+            runs_t.c.status,
+            runs_t.c.owner,
+            runs_t.c.heartbeat_at,
+            runs_t.c.current_phase,
+            runs_t.c.phase_label,
+        ).where(
+            runs_t.c.status.in_([RunStatus.RUNNING.value, RunStatus.QUEUED.value]),
+            runs_t.c.owner.is_not(None),
+        )
+    ).all()
+    now = utcnow()
+    swept = []
+    for row in rows:
+        if not is_dead(row.owner, row.heartbeat_at):
+            continue
+        if row.status == RunStatus.RUNNING.value:
+            message = f"interrupted during phase {row.current_phase} ({row.phase_label})"
+        else:
+            message = "interrupted before it started"
+        result = conn.execute(
+            sa.update(runs_t)
+            .where(
+                runs_t.c.id == row.id,
+                runs_t.c.owner == row.owner,
+                runs_t.c.status == row.status,
+                # A heartbeat written since we looked means it is alive after all.
+                runs_t.c.heartbeat_at.is_(None)
+                if row.heartbeat_at is None
+                else runs_t.c.heartbeat_at == row.heartbeat_at,
+            )
+            .values(
+                status=RunStatus.FAILED.value,
+                error_message=message,
+                completed_at=now,
+                phase_progress_current=None,
+                phase_progress_total=None,
+            )
+        )
+        if result.rowcount:
+            conn.execute(
+                sa.update(phases_t)
+                .where(phases_t.c.run_id == row.id, phases_t.c.status == "running")
+                .values(status="failed", finished_at=now)
+            )
+            swept.append(row.id)
+    return swept

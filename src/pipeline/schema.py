@@ -1,0 +1,160 @@
+"""The tables, as SQLAlchemy Core ``Table`` objects.
+
+Alembic's revisions create them; ``tests/test_migrations.py`` checks that the
+migrated database and these definitions agree, so this file and
+``alembic/versions`` must change together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData()
+
+RUN_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+PHASE_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """A timestamp that is always an aware UTC datetime in Python.
+
+    SQLite keeps no offset, PostgreSQL keeps one; both come back as UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a UTC column")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+analysis_runs = sa.Table(
+    "analysis_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("current_phase", sa.Integer),
+    sa.Column("phase_label", sa.String(200)),
+    sa.Column("progress_current", sa.Integer, nullable=False),
+    sa.Column("progress_total", sa.Integer),
+    sa.Column("phase_progress_current", sa.Integer),
+    sa.Column("phase_progress_total", sa.Integer),
+    sa.Column("error_message", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("completed_at", UTCDateTime),
+    sa.Column("heartbeat_at", UTCDateTime),
+    sa.Column("cancel_requested_at", UTCDateTime),
+    # "host:pid:process-start:thread" of the process executing (or about to
+    # execute) the run; NULL while any executor may claim it.
+    sa.Column("owner", sa.String(300)),
+    sa.CheckConstraint(_in("status", RUN_STATUSES), name="ck_analysis_runs_status"),
+    sa.Index("ix_analysis_runs_status_id", "status", "id"),
+)
+
+run_phases = sa.Table(
+    "run_phases",
+    metadata,
+    sa.Column(
+        "run_id",
+        sa.Integer,
+        sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("phase_num", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("label", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("started_at", UTCDateTime),
+    sa.Column("finished_at", UTCDateTime),
+    sa.CheckConstraint(_in("status", PHASE_STATUSES), name="ck_run_phases_status"),
+)
+
+run_warnings = sa.Table(
+    "run_warnings",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "run_id",
+        sa.Integer,
+        sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("phase", sa.Integer),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_run_warnings_run_id", "run_id", "id"),
+)
+
+
+# -- the example pipeline's result tables (pipeline.example) -----------------
+
+
+def _run_fk() -> sa.Column[int]:
+    return sa.Column(
+        "run_id",
+        sa.Integer,
+        sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+
+
+example_comments = sa.Table(
+    "example_comments",
+    metadata,
+    _run_fk(),
+    sa.Column("comment_id", sa.String(32), primary_key=True),
+    sa.Column("thread_id", sa.String(32), nullable=False),
+    sa.Column("author", sa.String(64), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("created_utc", sa.Integer, nullable=False),
+)
+
+example_scores = sa.Table(
+    "example_scores",
+    metadata,
+    _run_fk(),
+    sa.Column("comment_id", sa.String(32), primary_key=True),
+    sa.Column("tokens", sa.Integer, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+)
+
+example_thread_stats = sa.Table(
+    "example_thread_stats",
+    metadata,
+    _run_fk(),
+    sa.Column("thread_id", sa.String(32), primary_key=True),
+    sa.Column("comments", sa.Integer, nullable=False),
+    sa.Column("authors", sa.Integer, nullable=False),
+    sa.Column("mean_score", sa.Float, nullable=False),
+)
+
+example_author_stats = sa.Table(
+    "example_author_stats",
+    metadata,
+    _run_fk(),
+    sa.Column("author", sa.String(64), primary_key=True),
+    sa.Column("comments", sa.Integer, nullable=False),
+    sa.Column("mean_score", sa.Float, nullable=False),
+)
