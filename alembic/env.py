@@ -5,6 +5,7 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
+
 from pipeline.config import get_settings
 from pipeline.db import create_engine, is_sqlite
 from pipeline.schema import metadata

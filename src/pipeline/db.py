@@ -123,7 +123,9 @@ def create_engine(url: str, *, busy_timeout_ms: int = 5000, **kwargs: Any) -> En
     return engine
 
 
-def _install_sqlite_listeners(engine: Engine, busy_timeout_ms: int, gate: _WriteGate | None) -> None:
+def _install_sqlite_listeners(
+    engine: Engine, busy_timeout_ms: int, gate: _WriteGate | None
+) -> None:
     timeout_s = busy_timeout_ms / 1000
 
     @event.listens_for(engine, "connect")
@@ -257,9 +259,9 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def migrate(url: str, revision: str = "head") -> None:
-    """``alembic upgrade``, for ``pipeline migrate`` and tests."""
-    command.upgrade(alembic_config(url), revision)
+def migrate(url: str) -> None:
+    """``alembic upgrade head``, for ``pipeline migrate`` and tests."""
+    command.upgrade(alembic_config(url), "head")
 
 
 def head_revision() -> str | None:
@@ -268,3 +270,19 @@ def head_revision() -> str | None:
 
 def current_revision(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
+
+
+class SchemaNotCurrent(Exception):
+    """The database is not at the migration head; the message says how to fix it."""
+
+
+def check_schema(engine: Engine) -> None:
+    """Refuse to work on a database that is not migrated to the head revision."""
+    with read(engine) as conn:
+        current = current_revision(conn)
+    head = head_revision()
+    if current != head:
+        raise SchemaNotCurrent(
+            f"the database is at migration revision {current or '(none)'}, not at the head "
+            f"({head}); run `pipeline migrate` (or `alembic upgrade head`) first"
+        )

@@ -45,8 +45,9 @@ class RegistryError(ValueError):
 def validate_registry(phases: object) -> list[Phase]:
     """Check the registry's shape before any run starts, and return it as a list."""
     if isinstance(phases, str | bytes) or not isinstance(phases, Sequence):
+        kind = type(phases).__name__
         raise RegistryError(
-            f"a registry is a list of (phase_num, phase_label, callable), not {type(phases).__name__}"
+            f"a registry is a list of (phase_num, phase_label, callable), not {kind}"
         )
     if not phases:
         raise RegistryError("the registry has no phases")
@@ -101,7 +102,9 @@ class RunCancelled(Exception):
 class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Every record names its run and phase, in the message and as attributes."""
 
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
         return f"run {extra.get('run_id')} phase {extra.get('phase')}: {msg}", kwargs
@@ -116,7 +119,9 @@ class RunContext:
         self.phase_num = 0
         self.phase_label = ""
         self.warnings: list[str] = []
-        self.logger = RunLogger(logging.getLogger("pipeline.run"), {"run_id": run_id, "phase": None})
+        self.logger = RunLogger(
+            logging.getLogger("pipeline.run"), {"run_id": run_id, "phase": None}
+        )
         self._phase_warnings_from = 0
         self._cancel = threading.Event()
         # (phase_num, current, total): one tuple, replaced whole, so the
@@ -146,11 +151,15 @@ class RunContext:
         cur = max(cur, 0)
         if tot is not None:
             cur = min(cur, tot)
-        phase, old_cur, old_tot = self._progress
-        if phase == self.phase_num and old_tot and old_cur is not None:
-            if tot is None or cur * old_tot < old_cur * tot:
-                return
+        if self._goes_backwards(cur, tot):
+            return
         self._progress = (self.phase_num, cur, tot)
+
+    def _goes_backwards(self, cur: int, tot: int | None) -> bool:
+        phase, old_cur, old_tot = self._progress
+        if phase != self.phase_num or not old_tot or old_cur is None:
+            return False
+        return tot is None or cur * old_tot < old_cur * tot
 
     @property
     def cancel_requested(self) -> bool:
@@ -374,7 +383,9 @@ class Executor:
             conn.close()
             engine.dispose()
 
-    def _claim_and_execute(self, conn: Connection, *, owner: str | None, run_id: int | None = None) -> bool:
+    def _claim_and_execute(
+        self, conn: Connection, *, owner: str | None, run_id: int | None = None
+    ) -> bool:
         """Claim one run and execute it; False when there was nothing to claim."""
         thread = threading.current_thread()
         owner = owner or f"{self.identity}:{thread.name}"
@@ -406,7 +417,7 @@ class Executor:
                 ctx._enter_phase(num, label)
                 try:
                     status = self._run_phase(conn, ctx, fn, owner, following)
-                except BaseException as exc:  # noqa: BLE001 - every escape ends the run truthfully
+                except BaseException as exc:
                     self._record_end(conn, ctx, owner, exc)
                     return
                 if status is RunStatus.COMPLETED:
@@ -446,14 +457,18 @@ class Executor:
                 warnings=ctx._phase_warnings(),
             )
 
-    def _record_end(self, conn: Connection, ctx: RunContext, owner: str, exc: BaseException) -> None:
+    def _record_end(
+        self, conn: Connection, ctx: RunContext, owner: str, exc: BaseException
+    ) -> None:
         """After the phase rolled back: mark the run failed (or cancelled), never raise."""
         if isinstance(exc, runs.RunLost):
             ctx.logger.error("run was taken from this runner (swept as interrupted); stopping")
             return
         if isinstance(exc, RunCancelled):
             status, message = RunStatus.CANCELLED, None
-            ctx.logger.info("run cancelled inside phase %d; its writes were rolled back", ctx.phase_num)
+            ctx.logger.info(
+                "run cancelled inside phase %d; its writes were rolled back", ctx.phase_num
+            )
         else:
             status, message = RunStatus.FAILED, str(exc) or type(exc).__name__
             ctx.logger.error("phase failed: %s", message, exc_info=exc)
@@ -477,7 +492,7 @@ class Executor:
 
             if not _retry_on_lock(write, what=f"record the end of run {ctx.run_id}"):
                 ctx.logger.error("run was no longer owned by this runner; its end was not recorded")
-        except BaseException:  # noqa: BLE001 - the thread must end, whatever happens
+        except BaseException:
             ctx.logger.exception("could not record the end of the run")
 
     # -- in-process views --

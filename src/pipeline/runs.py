@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,6 +37,13 @@ class RunStatus(enum.StrEnum):
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def rfc3339(value: dt.datetime | None) -> str | None:
+    """UTC, with a ``Z``, as the HTTP contract says."""
+    if value is None:
+        return None
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +115,45 @@ class Run:
             warnings=tuple(warnings),
             phases=tuple(phases),
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The Run JSON of DESIGN.md's HTTP contract: exactly these fields."""
+        return {
+            "id": self.id,
+            "status": self.status.value,
+            "params": dict(self.params),
+            "current_phase": self.current_phase,
+            "phase_label": self.phase_label,
+            "progress_current": self.progress_current,
+            "progress_total": self.progress_total,
+            "phase_progress_current": self.phase_progress_current,
+            "phase_progress_total": self.phase_progress_total,
+            "percent": self.percent,
+            "warnings": [{"phase": w.phase, "message": w.message} for w in self.warnings],
+            "error_message": self.error_message,
+            "created_at": rfc3339(self.created_at),
+            "started_at": rfc3339(self.started_at),
+            "completed_at": rfc3339(self.completed_at),
+            "cancel_requested_at": rfc3339(self.cancel_requested_at),
+            "phases": [
+                {
+                    "num": p.num,
+                    "label": p.label,
+                    "status": p.status,
+                    "attempts": p.attempts,
+                    "started_at": rfc3339(p.started_at),
+                    "finished_at": rfc3339(p.finished_at),
+                    "duration_ms": p.duration_ms,
+                }
+                for p in self.phases
+            ],
+        }
+
+    def with_live_progress(self, live: tuple[int, int | None, int | None] | None) -> Run:
+        """This run with the sub-progress its runner holds in memory, when it is fresher."""
+        if live is None or self.status is not RunStatus.RUNNING or live[0] != self.current_phase:
+            return self
+        return replace(self, phase_progress_current=live[1], phase_progress_total=live[2])
 
     @property
     def percent(self) -> float:
@@ -212,9 +258,7 @@ def count_by_status(conn: Connection) -> dict[RunStatus, int]:
 # -- what clients do ----------------------------------------------------------
 
 
-def create_run(
-    conn: Connection, *, params: Mapping[str, Any], owner: str | None = None
-) -> int:
+def create_run(conn: Connection, *, params: Mapping[str, Any], owner: str | None = None) -> int:
     """Insert a queued run; with ``owner`` it is reserved for that process."""
     result = conn.execute(
         sa.insert(runs_t)
@@ -327,9 +371,7 @@ def claim(
     Call it in a write transaction: ``BEGIN IMMEDIATE`` on SQLite, and
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, make it safe for many claimers.
     """
-    query = sa.select(runs_t.c.id, runs_t.c.params).where(
-        runs_t.c.status == RunStatus.QUEUED.value
-    )
+    query = sa.select(runs_t.c.id, runs_t.c.params).where(runs_t.c.status == RunStatus.QUEUED.value)
     if run_id is None:
         query = query.where(runs_t.c.owner.is_(None)).order_by(runs_t.c.id).limit(1)
     else:

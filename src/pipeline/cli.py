@@ -1,0 +1,226 @@
+"""The ``pipeline`` command: migrate, run, status, list (and serve)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline import db, runs
+from pipeline.config import Settings, get_settings
+from pipeline.orchestrator import Executor, RegistryError, load_registry
+from pipeline.runs import RunStatus
+
+EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.FAILED: 1, RunStatus.CANCELLED: 2}
+
+console = Console(stderr=True)
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit code 64."""
+
+
+def _params(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--params is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError("--params must be a JSON object, like '{\"limit\": 100}'")
+    return value
+
+
+def _engine(settings: Settings) -> Any:
+    engine = db.create_engine(settings.database_url, busy_timeout_ms=settings.busy_timeout_ms)
+    db.check_schema(engine)
+    return engine
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    db.migrate(settings.database_url)
+    console.print(f"database at the head revision ({db.head_revision()}): {settings.database_url}")
+    return 0
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    params = _params(args.params)
+    registry = load_registry(settings.phases)
+    engine = _engine(settings)
+    executor = Executor(
+        settings.database_url,
+        registry,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        busy_timeout_ms=settings.busy_timeout_ms,
+    )
+    if not args.wait:
+        with db.write(engine) as conn:
+            run_id = runs.create_run(conn, params=params)
+        print(run_id)
+        console.print(
+            f"run {run_id} queued; a `pipeline serve` or `pipeline worker` will execute it"
+        )
+        return 0
+    executor.sweep(engine, lease_seconds=settings.lease_seconds)
+    run_id, thread = executor.start_reserved(params)
+    console.print(f"run {run_id} started ({len(registry)} phases); Ctrl-C cancels it")
+    status = _watch(engine, executor, run_id, thread)
+    run = _read_run(engine, run_id)
+    if run is not None:
+        _print_outcome(run)
+    return EXIT_CODES.get(status, 1)
+
+
+def _read_run(engine: Any, run_id: int) -> runs.Run | None:
+    with db.read(engine) as conn:
+        return runs.get_run(conn, run_id=run_id)
+
+
+def _watch(engine: Any, executor: Executor, run_id: int, thread: threading.Thread) -> RunStatus:
+    """Show live progress until the runner thread ends; the first Ctrl-C asks to cancel."""
+    cancelled = threading.Event()
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        if cancelled.is_set():
+            console.print("second interrupt: leaving now; the run will be swept as interrupted")
+            raise SystemExit(130)
+        cancelled.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    columns = (
+        TextColumn("{task.description}", justify="left"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=console, transient=False) as bars:
+            overall = bars.add_task("run", total=100.0)
+            phase = bars.add_task("phase", total=1.0, visible=False)
+            asked = False
+            while True:
+                thread.join(0.1)
+                if cancelled.is_set() and not asked:
+                    asked = True
+                    with db.write(engine) as conn:
+                        runs.request_cancel(conn, run_id=run_id)
+                    executor.notify_cancel(run_id)
+                    console.print("cancel requested; stopping at the next phase boundary")
+                run = _read_run(engine, run_id)
+                if run is None:
+                    return RunStatus.FAILED
+                run = run.with_live_progress(executor.live_progress(run_id))
+                _update_bars(bars, overall, phase, run)
+                if not thread.is_alive():
+                    return run.status
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _update_bars(bars: Progress, overall: Any, phase: Any, run: runs.Run) -> None:
+    label = f"phase {run.current_phase}/{run.progress_total}: {run.phase_label}"
+    bars.update(overall, completed=run.percent, description=f"run {run.id} [{run.status}]")
+    if run.status is RunStatus.RUNNING and run.phase_progress_total:
+        bars.update(
+            phase,
+            visible=True,
+            description=label,
+            total=run.phase_progress_total,
+            completed=run.phase_progress_current or 0,
+        )
+    else:
+        bars.update(phase, visible=run.status is RunStatus.RUNNING, description=label)
+
+
+def _print_outcome(run: runs.Run) -> None:
+    for warning in run.warnings:
+        console.print(f"[yellow]warning[/] (phase {warning.phase}): {warning.message}")
+    if run.status is RunStatus.COMPLETED:
+        console.print(f"[green]run {run.id} completed[/] ({run.progress_total} phases)")
+    elif run.status is RunStatus.FAILED:
+        console.print(
+            f"[red]run {run.id} failed[/] in phase {run.current_phase}: {run.error_message}"
+        )
+    else:
+        console.print(f"run {run.id} {run.status}")
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    run = _read_run(_engine(settings), args.run_id)
+    if run is None:
+        raise UsageError(f"no run with id {args.run_id}")
+    print(json.dumps(run.to_dict(), indent=2))
+    return 0
+
+
+def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
+    status = RunStatus(args.status) if args.status else None
+    with db.read(_engine(settings)) as conn:
+        page, _ = runs.list_runs(conn, status=status, limit=args.limit)
+    table = Table("id", "status", "phase", "progress", "created", "error")
+    for run in page:
+        table.add_row(
+            str(run.id),
+            run.status.value,
+            f"{run.current_phase or '-'} {run.phase_label or ''}",
+            f"{run.percent:.1f}%",
+            runs.rfc3339(run.created_at) or "",
+            (run.error_message or "")[:60],
+        )
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="bring the database to the head migration")
+    run = sub.add_parser("run", help="start a run of the configured registry")
+    run.add_argument("--params", help="the run's parameters, a JSON object")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="execute here with live progress; exit 0 completed, 1 failed, 2 cancelled",
+    )
+    status = sub.add_parser("status", help="print one run as JSON")
+    status.add_argument("run_id", type=int)
+    listing = sub.add_parser("list", help="a table of recent runs")
+    listing.add_argument("--status", choices=[s.value for s in RunStatus])
+    listing.add_argument("--limit", type=int, default=20, choices=range(1, 501), metavar="1-500")
+    return parser
+
+
+COMMANDS = {"migrate": cmd_migrate, "run": cmd_run, "status": cmd_status, "list": cmd_list}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = get_settings()
+        return COMMANDS[args.command](settings, args)
+    except (UsageError, RegistryError, db.SchemaNotCurrent, db.DatabaseBusy) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 64
+    except ValidationError as exc:  # a bad PIPELINE_* value
+        console.print(f"[red]error: bad configuration:[/] {exc}")
+        return 64
+
+
+if __name__ == "__main__":
+    sys.exit(main())
