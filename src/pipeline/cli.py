@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
+import uvicorn
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -182,6 +186,47 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline.api import create_app
+
+    _engine(settings).dispose()  # a clear error now, rather than a failed startup later
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on")
+    server = GracefulServer(config)
+    console.print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops, runs finish first)")
+    server.run()
+    return 0 if server.started else 1
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn, but a graceful stop exits 0 and a second signal exits at once.
+
+    uvicorn re-raises a captured SIGTERM after its shutdown, so the process
+    would die with -15 even after a clean stop. Here the first SIGTERM or
+    SIGINT stops accepting requests and lets running runs finish (the
+    lifespan waits for them); a second one exits at once with 128+signal,
+    and the runs it leaves are swept as interrupted on the next start.
+    """
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        serve_log = logging.getLogger("pipeline.serve")
+        if self.should_exit:
+            serve_log.warning("second signal: exiting now; unfinished runs will be swept later")
+            os._exit(128 + sig)
+        serve_log.info("stopping: no new requests; waiting for running runs to finish")
+        self.handle_exit(sig, frame)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -196,13 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser("status", help="print one run as JSON")
     status.add_argument("run_id", type=int)
+    serve = sub.add_parser("serve", help="the HTTP service and dashboard; runs execute here")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     listing = sub.add_parser("list", help="a table of recent runs")
     listing.add_argument("--status", choices=[s.value for s in RunStatus])
     listing.add_argument("--limit", type=int, default=20, choices=range(1, 501), metavar="1-500")
     return parser
 
 
-COMMANDS = {"migrate": cmd_migrate, "run": cmd_run, "status": cmd_status, "list": cmd_list}
+COMMANDS = {
+    "migrate": cmd_migrate,
+    "run": cmd_run,
+    "serve": cmd_serve,
+    "status": cmd_status,
+    "list": cmd_list,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

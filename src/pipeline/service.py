@@ -1,0 +1,155 @@
+"""What a server process runs besides HTTP: the executor and its housekeeping.
+
+The API calls these methods (in FastAPI's thread pool); the benchmarks call
+the same ones, so what they measure is what a request does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from pipeline import db, runs
+from pipeline.config import Settings
+from pipeline.orchestrator import Executor, Registry, load_registry
+from pipeline.runs import Outcome, Run, RunStatus
+from pipeline.schema import analysis_runs
+
+log = logging.getLogger("pipeline.service")
+
+# How often a server looks for runs queued by other processes (``pipeline run``
+# without --wait, another API process): a cheap indexed query.
+QUEUE_POLL_SECONDS = 1.0
+
+
+class Service:
+    """One database, one registry, one executor, and the loops that keep them honest."""
+
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = load_registry(settings.phases) if registry is None else list(registry)
+        self.engine: Engine = db.create_engine(
+            settings.database_url, busy_timeout_ms=settings.busy_timeout_ms
+        )
+        self.executor = Executor(
+            settings.database_url,
+            self.registry,
+            max_concurrent=settings.max_concurrent_runs,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            busy_timeout_ms=settings.busy_timeout_ms,
+        )
+        self._stop = threading.Event()
+        self._housekeeper: threading.Thread | None = None
+
+    # -- life cycle --
+
+    def start(self) -> None:
+        """Refuse an unmigrated database, sweep interrupted runs, start queued ones."""
+        db.check_schema(self.engine)
+        self.executor.sweep(self.engine, lease_seconds=self.settings.lease_seconds)
+        self.executor.wake()
+        self._housekeeper = threading.Thread(
+            target=self._housekeeping, name="pipeline-housekeeper", daemon=True
+        )
+        self._housekeeper.start()
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Claim nothing new; with ``wait``, let the running runs finish first."""
+        self._stop.set()
+        if wait and self.executor.active_runs():
+            log.info("waiting for %d running run(s) to finish", len(self.executor.active_runs()))
+        self.executor.shutdown(wait=wait)
+        if self._housekeeper is not None:
+            self._housekeeper.join(5)
+        self.engine.dispose()
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """For a host application's own lifespan (see the README)."""
+        self.start()
+        try:
+            yield
+        finally:
+            import anyio.to_thread
+
+            await anyio.to_thread.run_sync(self.stop)
+
+    def _housekeeping(self) -> None:
+        sweep_every = self.settings.sweep_seconds
+        since_sweep = 0.0
+        while not self._stop.wait(QUEUE_POLL_SECONDS):
+            try:
+                since_sweep += QUEUE_POLL_SECONDS
+                if since_sweep >= sweep_every:
+                    since_sweep = 0.0
+                    self.executor.sweep(self.engine, lease_seconds=self.settings.lease_seconds)
+                if self._queue_waiting():
+                    self.executor.wake()
+            except Exception:
+                log.exception("housekeeping failed; will try again")
+
+    def _queue_waiting(self) -> bool:
+        query = (
+            sa.select(analysis_runs.c.id)
+            .where(
+                analysis_runs.c.status == RunStatus.QUEUED.value,
+                analysis_runs.c.owner.is_(None),
+            )
+            .limit(1)
+        )
+        with db.read(self.engine) as conn:
+            return conn.execute(query).first() is not None
+
+    # -- what requests do (each one short transaction) --
+
+    def create_run(self, params: Mapping[str, Any]) -> Run:
+        run_id = self.executor.submit(params, engine=self.engine)
+        run = self.get_run(run_id)
+        assert run is not None
+        return run
+
+    def get_run(self, run_id: int) -> Run | None:
+        with db.read(self.engine) as conn:
+            run = runs.get_run(conn, run_id=run_id)
+        if run is None:
+            return None
+        return run.with_live_progress(self.executor.live_progress(run_id))
+
+    def list_runs(
+        self, *, status: RunStatus | None, limit: int, before: int | None
+    ) -> tuple[list[Run], int | None]:
+        with db.read(self.engine) as conn:
+            page, cursor = runs.list_runs(conn, status=status, limit=limit, before=before)
+        live = self.executor.live_progress
+        return [run.with_live_progress(live(run.id)) for run in page], cursor
+
+    def cancel(self, run_id: int) -> tuple[Outcome, Run | None]:
+        with db.write(self.engine) as conn:
+            outcome = runs.request_cancel(conn, run_id=run_id)
+        if outcome is Outcome.DONE:
+            self.executor.notify_cancel(run_id)
+        return outcome, self.get_run(run_id)
+
+    def resume(self, run_id: int) -> tuple[Outcome, Run | None]:
+        with db.write(self.engine) as conn:
+            outcome = runs.resume(conn, run_id=run_id)
+        if outcome is Outcome.DONE:
+            self.executor.wake()
+        return outcome, self.get_run(run_id)
+
+    def health(self) -> str | None:
+        """None when healthy, else the reason (no paths, no SQL)."""
+        try:
+            db.check_schema(self.engine)
+        except db.SchemaNotCurrent as exc:
+            return str(exc)
+        except Exception as exc:
+            log.warning("health check failed: %s", exc)
+            return "the database does not answer"
+        return None
