@@ -147,6 +147,14 @@ class MalformedLine(ValueError):
     """One line of the feed that cannot be a comment; the message says why."""
 
 
+def _shown(value: object) -> str:
+    """A parameter as the client wrote it (JSON), for error messages."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
 def _fetch_delay(params: Mapping[str, Any]) -> float:
     """``fetch_delay``, checked: a bad value fails the run at once with a clear message."""
     value = params.get("fetch_delay")
@@ -160,7 +168,7 @@ def _fetch_delay(params: Mapping[str, Any]) -> float:
     ):
         raise ValueError(
             f"params.fetch_delay must be a number of seconds from 0 to {MAX_FETCH_DELAY:g}, "
-            f"not {value!r}"
+            f"not {_shown(value)}"
         )
     return float(value)
 
@@ -171,7 +179,7 @@ def _limit(params: Mapping[str, Any]) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"params.limit must be a whole number >= 1, not {value!r}")
+        raise ValueError(f"params.limit must be a whole number >= 1, not {_shown(value)}")
     return value
 
 

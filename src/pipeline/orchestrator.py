@@ -79,7 +79,7 @@ def load_registry(spec: str) -> list[Phase]:
         raise RegistryError(f"PIPELINE_PHASES must look like 'package.module:NAME', not {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except Exception as exc:  # ImportError, or any error raised by the module's own code
         raise RegistryError(f"cannot import {module_name!r} for the registry: {exc}") from exc
     try:
         phases = getattr(module, attr)
@@ -472,16 +472,16 @@ class Executor:
         else:
             status, message = RunStatus.FAILED, str(exc) or type(exc).__name__
             ctx.logger.error("phase failed: %s", message, exc_info=exc)
+        fresh = conn.closed or conn.invalidated  # the phase closed it: use another
+        own = conn.engine.connect() if fresh else conn
         try:
-            if conn.closed or conn.invalidated:
-                conn = conn.engine.connect()
-            if conn.in_transaction():
-                conn.rollback()
+            if own.in_transaction():
+                own.rollback()
 
             def write() -> bool:
-                with _tx(conn):
+                with _tx(own):
                     return runs.end_run(
-                        conn,
+                        own,
                         run_id=ctx.run_id,
                         owner=owner,
                         phase_num=ctx.phase_num,
@@ -494,6 +494,9 @@ class Executor:
                 ctx.logger.error("run was no longer owned by this runner; its end was not recorded")
         except BaseException:
             ctx.logger.exception("could not record the end of the run")
+        finally:
+            if fresh:
+                own.close()
 
     # -- in-process views --
 
@@ -540,6 +543,8 @@ class Executor:
                     if not active:
                         self._beat_thread = None
                         return
+                for gone in written.keys() - active.keys():
+                    del written[gone]
                 due = time.monotonic() - last_beat >= 5 * self.heartbeat_seconds
                 beats = [
                     runs.Beat(run_id, owner, *ctx._progress)
