@@ -121,12 +121,13 @@ def _watch(engine: Any, executor: Executor, run_id: int, thread: threading.Threa
                         runs.request_cancel(conn, run_id=run_id)
                     executor.notify_cancel(run_id)
                     console.print("cancel requested; stopping at the next phase boundary")
+                finished = not thread.is_alive()  # before the read, so the read is final
                 run = _read_run(engine, run_id)
                 if run is None:
                     return RunStatus.FAILED
                 run = run.with_live_progress(executor.live_progress(run_id))
                 _update_bars(bars, overall, phase, run)
-                if not thread.is_alive():
+                if finished:
                     return run.status
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -265,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command != "migrate":  # schema checks would log Alembic's chatter
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         settings = get_settings()
         return COMMANDS[args.command](settings, args)

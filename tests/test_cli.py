@@ -1,0 +1,159 @@
+"""The `pipeline` command, run as a user would: a real subprocess per call."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.runs import RunStatus
+
+from .conftest import read_run, scalar, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cli_env(db_url, tmp_path):
+    return {
+        **os.environ,
+        "PIPELINE_DATABASE_URL": db_url,
+        "PIPELINE_TEST_DIR": str(tmp_path),
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def pipeline(env, *args, phases="tests.registries:OK", timeout=60):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env={**env, "PIPELINE_PHASES": phases},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("phases", "code", "status"),
+    [
+        pytest.param("tests.registries:OK", 0, RunStatus.COMPLETED, id="completed"),
+        pytest.param("tests.registries:FAILS", 1, RunStatus.FAILED, id="failed"),
+    ],
+)
+def test_run_wait_exit_code_tells_the_outcome(cli_env, engine, phases, code, status):
+    """`pipeline run --wait` executes the run here and exits 0 completed, 1 failed."""
+    result = pipeline(cli_env, "run", "--wait", "--params", '{"k": 1}', phases=phases)
+    assert result.returncode == code, result.stderr
+    run_id = scalar(engine, "SELECT max(id) FROM analysis_runs")
+    run = read_run(engine, run_id)
+    assert run.status is status
+    assert run.params == {"k": 1}
+    if status is RunStatus.FAILED:
+        assert "the analysis could not finish" in result.stderr
+
+
+def test_run_wait_interrupt_cancels_and_exits_2(cli_env, engine, tmp_path):
+    """Ctrl-C during `run --wait` asks the run to stop; it ends cancelled and the exit code is 2."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--wait"],
+        env={**cli_env, "PIPELINE_PHASES": "tests.registries:CANCELLABLE"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: list(tmp_path.glob("running-*")), timeout=30)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 2, stderr
+    run = read_run(engine, scalar(engine, "SELECT max(id) FROM analysis_runs"))
+    assert run.status is RunStatus.CANCELLED
+    assert run.completed_at is not None
+
+
+def test_run_without_wait_queues_and_prints_the_id(cli_env, engine):
+    """Without --wait the run is queued for a server and its id printed."""
+    result = pipeline(cli_env, "run")
+    assert result.returncode == 0, result.stderr
+    run = read_run(engine, int(result.stdout.strip()))
+    assert run.status is RunStatus.QUEUED
+
+
+def test_example_pipeline_runs_to_completion_with_warnings(cli_env, engine):
+    """The default registry processes the shipped dataset and records the malformed lines."""
+    env = {key: value for key, value in cli_env.items() if key != "PIPELINE_PHASES"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--wait", "--params", '{"fetch_delay": 0}'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    run = read_run(engine, scalar(engine, "SELECT max(id) FROM analysis_runs"))
+    assert run.status is RunStatus.COMPLETED
+    assert len(run.warnings) == 7
+    assert scalar(engine, "SELECT count(*) FROM example_comments") == 3000
+    assert scalar(engine, "SELECT count(*) FROM example_thread_stats") == 60
+
+
+def test_status_prints_the_run_json(cli_env):
+    """`pipeline status ID` prints the same Run JSON as the API."""
+    run_id = int(pipeline(cli_env, "run").stdout)
+    result = pipeline(cli_env, "status", str(run_id))
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["id"] == run_id
+    assert body["status"] == "queued"
+    assert body["created_at"].endswith("Z")
+
+
+def test_list_shows_recent_runs(cli_env):
+    """`pipeline list` shows a table with the runs, newest first."""
+    first = int(pipeline(cli_env, "run").stdout)
+    second = int(pipeline(cli_env, "run").stdout)
+    result = pipeline(cli_env, "list")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "queued" in line]
+    assert str(second) in lines[0]
+    assert str(first) in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "phases", "message"),
+    [
+        pytest.param(["run", "--params", "{nope"], None, "not valid JSON", id="params-not-json"),
+        pytest.param(["run", "--params", "[1]"], None, "JSON object", id="params-not-object"),
+        pytest.param(["status", "424242"], None, "no run with id", id="unknown-id"),
+        pytest.param(["run"], "tests.registries:BROKEN", "no gaps", id="broken-registry"),
+        pytest.param(["run"], "tests.registries", "package.module:NAME", id="bad-spec"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_changes_nothing(cli_env, engine, args, phases, message):
+    """Mistakes are explained in one line, exit 64, and no run is created."""
+    result = pipeline(cli_env, *args, phases=phases or "tests.registries:OK")
+    assert result.returncode == 64
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert scalar(engine, "SELECT count(*) FROM analysis_runs") == 0
+
+
+def test_an_unmigrated_database_is_refused_with_the_fix(tmp_path):
+    """Commands other than migrate explain that `pipeline migrate` is needed."""
+    env = {**os.environ, "PIPELINE_DATABASE_URL": f"sqlite:///{tmp_path / 'new.db'}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 64
+    assert "pipeline migrate" in result.stderr
