@@ -8,6 +8,7 @@ from pipeline.orchestrator import (
     RunCancelled,
     RunContext,
     load_registry,
+    phase,
     start_run,
     validate_registry,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "RunContext",
     "RunStatus",
     "load_registry",
+    "phase",
     "start_run",
     "validate_registry",
 ]

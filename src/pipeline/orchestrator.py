@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
@@ -90,6 +91,68 @@ def load_registry(spec: str) -> list[Phase]:
 
 def phase_labels(registry: Registry) -> list[tuple[int, str]]:
     return [(num, label) for num, label, _ in registry]
+
+
+# -- retries -------------------------------------------------------------------
+
+# Longest wait between two attempts, whatever the declared backoff.
+MAX_BACKOFF_SECONDS = 300.0
+# A phase that met a database lock held by someone else for longer than the
+# busy timeout is tried again this many times, declared or not: its attempt
+# rolled back whole, so a new attempt is safe, and the lock is transient.
+BUSY_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a phase is attempted again, and after how long."""
+
+    retries: int = 0
+    backoff: float = 1.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def delay(self, attempt: int) -> float:
+        """Exponential from ``backoff``, capped, with full jitter on the upper half."""
+        base = min(self.backoff * 2.0 ** (attempt - 1), MAX_BACKOFF_SECONDS)
+        return base / 2 + random.uniform(0, base / 2)
+
+
+NO_RETRY = RetryPolicy()
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def phase(
+    *,
+    retries: int = 0,
+    backoff: float = 1.0,
+    retry_on: tuple[type[BaseException], ...] = (Exception,),
+) -> Callable[[F], F]:
+    """Declare a phase's retry policy: ``@phase(retries=2, backoff=0.5, retry_on=(IOError,))``.
+
+    An attempt that raises one of ``retry_on`` rolls back whole, a warning
+    records it, and the phase runs again after an exponential, jittered
+    backoff (a cancel request ends the wait). Without it, no retries.
+    """
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError("retries must be an integer >= 0")
+    if not isinstance(backoff, int | float) or backoff < 0:
+        raise ValueError("backoff must be a number of seconds >= 0")
+    if not isinstance(retry_on, tuple) or not all(
+        isinstance(t, type) and issubclass(t, BaseException) for t in retry_on
+    ):
+        raise ValueError("retry_on must be a tuple of exception types")
+    policy = RetryPolicy(retries=retries, backoff=float(backoff), retry_on=retry_on)
+
+    def declare(fn: F) -> F:
+        fn.__pipeline_retry__ = policy  # type: ignore[attr-defined]
+        return fn
+
+    return declare
+
+
+def retry_policy(fn: PhaseFn) -> RetryPolicy:
+    policy = getattr(fn, "__pipeline_retry__", NO_RETRY)
+    return policy if isinstance(policy, RetryPolicy) else NO_RETRY
 
 
 # -- what a phase may use -------------------------------------------------------
@@ -288,10 +351,12 @@ class Executor:
     # -- starting runs --
 
     def submit(self, params: Mapping[str, Any], *, engine: Engine) -> int:
-        """Queue a run (the API's way) and wake a runner if a slot is free."""
-        run_id = _retry_on_lock(
-            lambda: self._insert(engine, params, owner=None), what="queue a run"
-        )
+        """Queue a run (the API's way) and wake a runner if a slot is free.
+
+        No retry here: a request waits the busy timeout at most, then its
+        client gets a 503 with Retry-After.
+        """
+        run_id = self._insert(engine, params, owner=None)
         self.wake()
         return run_id
 
@@ -415,10 +480,8 @@ class Executor:
                 num, label, fn = self.registry[index]
                 following = self.registry[index + 1] if index + 1 < len(self.registry) else None
                 ctx._enter_phase(num, label)
-                try:
-                    status = self._run_phase(conn, ctx, fn, owner, following)
-                except BaseException as exc:
-                    self._record_end(conn, ctx, owner, exc)
+                status = self._attempt_phase(conn, ctx, fn, owner, following)
+                if status is None:
                     return
                 if status is RunStatus.COMPLETED:
                     ctx.logger.info("run completed")
@@ -429,6 +492,62 @@ class Executor:
         finally:
             with self._lock:
                 self._active.pop(claimed.run_id, None)
+
+    def _attempt_phase(
+        self,
+        conn: Connection,
+        ctx: RunContext,
+        fn: PhaseFn,
+        owner: str,
+        following: Phase | None,
+    ) -> RunStatus | None:
+        """Run the phase, again after a retryable failure; None once the run has ended."""
+        policy = retry_policy(fn)
+        attempt = 1
+        while True:
+            try:
+                return self._run_phase(conn, ctx, fn, owner, following)
+            except BaseException as exc:
+                delay = self._retry_delay(policy, exc, attempt)
+                if delay is None:
+                    self._record_end(conn, ctx, owner, exc)
+                    return None
+                ctx.warn(
+                    f"attempt {attempt} of phase {ctx.phase_num} failed "
+                    f"({type(exc).__name__}: {exc}); retrying in {delay:.1f}s"
+                )
+            if ctx._cancel.wait(delay):
+                self._record_end(conn, ctx, owner, RunCancelled("cancelled"))
+                return None
+            attempt += 1
+            if not self._record_retry(conn, ctx, owner):
+                return None
+
+    @staticmethod
+    def _retry_delay(policy: RetryPolicy, exc: BaseException, attempt: int) -> float | None:
+        if isinstance(exc, RunCancelled | runs.RunLost) or not isinstance(exc, Exception):
+            return None
+        if isinstance(exc, db.DatabaseBusy) and attempt <= BUSY_RETRIES:
+            return RetryPolicy(backoff=0.2).delay(attempt)
+        if attempt <= policy.retries and isinstance(exc, policy.retry_on):
+            return policy.delay(attempt)
+        return None
+
+    def _record_retry(self, conn: Connection, ctx: RunContext, owner: str) -> bool:
+        def write() -> bool:
+            with _tx(conn):
+                return runs.retry_phase(
+                    conn, run_id=ctx.run_id, owner=owner, phase_num=ctx.phase_num
+                )
+
+        try:
+            if _retry_on_lock(write, what="record a retry"):
+                return True
+            ctx.logger.error("run was taken from this runner (swept as interrupted); stopping")
+        except Exception:
+            ctx.logger.exception("could not record the retry; ending the run")
+            self._record_end(conn, ctx, owner, RuntimeError("could not record a retry"))
+        return False
 
     def _run_phase(
         self,

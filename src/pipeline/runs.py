@@ -445,6 +445,21 @@ def _start_phase(conn: Connection, *, run_id: int, phase_num: int, now: dt.datet
     )
 
 
+def retry_phase(conn: Connection, *, run_id: int, owner: str, phase_num: int) -> bool:
+    """Count one more attempt of the phase in flight; False if the run is not ours any more."""
+    owned = conn.execute(
+        sa.update(runs_t).where(_owned(run_id, owner)).values(heartbeat_at=utcnow())
+    )
+    if owned.rowcount == 0:
+        return False
+    conn.execute(
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
+        .values(attempts=phases_t.c.attempts + 1)
+    )
+    return True
+
+
 class RunLost(Exception):
     """The run is no longer ours (swept as interrupted, or otherwise taken)."""
 

@@ -1,0 +1,131 @@
+"""SQLite's single writer: long phases and foreign locks never become errors for users."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+from fastapi.testclient import TestClient
+
+from pipeline import db
+from pipeline.api import create_app
+from pipeline.config import Settings
+from pipeline.orchestrator import Executor
+from pipeline.runs import RunStatus
+
+from .conftest import read_run, wait_for
+
+
+def test_a_phase_meeting_a_foreign_lock_is_retried_not_failed(db_url, engine):
+    """Another process holds the write lock past the busy timeout: the phase tries again."""
+    path = db_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    in_phase = threading.Event()
+    lock_taken = threading.Event()
+    attempts = []
+
+    def writes(conn, ctx):
+        attempts.append(time.monotonic())
+        in_phase.set()
+        assert lock_taken.wait(10)
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS t (x INTEGER)")
+
+    executor = Executor(db_url, [(1, "Writes", writes)], busy_timeout_ms=200)
+    run_id, thread = executor.start_reserved({})
+    try:
+        assert in_phase.wait(10)
+        holder.execute("BEGIN IMMEDIATE")  # the run is claimed; now its phase meets the lock
+        lock_taken.set()
+        release = threading.Timer(0.6, holder.rollback)
+        release.start()
+        thread.join(30)
+        release.join()
+    finally:
+        lock_taken.set()
+        holder.close()
+    run = read_run(engine, run_id)
+    assert run.status is RunStatus.COMPLETED, run.error_message
+    assert run.phases[0].attempts >= 2
+    assert len(attempts) == run.phases[0].attempts
+
+
+def test_api_writes_during_a_long_phase_succeed_or_get_503(db_url, engine):
+    """While a phase holds the write lock for seconds, POST/cancel/resume never 500.
+
+    Each answer is a success after a bounded wait or a 503 with Retry-After, no
+    body says "locked", and the phase's sub-progress stays visible meanwhile.
+    """
+    holding = threading.Event()
+    release = threading.Event()
+
+    def long_writer(conn, ctx):
+        if ctx.params.get("hold"):
+            conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS held (x INTEGER)")
+            holding.set()
+            for i in range(1, 31):
+                ctx.progress(i, 30)
+                if release.wait(0.1):
+                    break
+
+    def fails(conn, ctx):
+        if ctx.params.get("fail"):
+            raise RuntimeError("to be resumed")
+
+    settings = Settings(database_url=db_url, busy_timeout_ms=500, max_concurrent_runs=2)
+    app = create_app(settings, registry=[(1, "Hold", long_writer), (2, "Maybe fail", fails)])
+    with TestClient(app) as client:
+        failed = client.post("/runs", json={"params": {"fail": True}}).json()["id"]
+        wait_for(lambda: read_run(engine, failed).status is RunStatus.FAILED)
+        holder = client.post("/runs", json={"params": {"hold": True}}).json()["id"]
+        assert holding.wait(10)
+        answers = []
+        started = time.monotonic()
+        percents = []
+        for _ in range(3):
+            answers.append(client.post("/runs", json={}))
+            answers.append(client.post(f"/runs/{failed}/resume"))
+            answers.append(client.post(f"/runs/{holder}/cancel"))
+            percents.append(client.get(f"/runs/{holder}").json()["percent"])
+        elapsed = time.monotonic() - started
+        release.set()
+        for answer in answers:
+            assert answer.status_code in (201, 202, 409, 503), answer.text
+            assert "locked" not in answer.text.lower()
+            if answer.status_code == 503:
+                assert answer.headers["Retry-After"] == "1"
+                assert answer.json()["detail"]
+        assert any(a.status_code == 503 for a in answers), "the lock was never contended"
+        assert elapsed < 9 * 0.5 * 2 + 5  # every request waited at most about its busy timeout
+        assert percents == sorted(percents)
+        assert percents[-1] > 0
+        wait_for(lambda: read_run(engine, holder).status.terminal, timeout=20)
+        retried = client.post("/runs", json={})
+        assert retried.status_code == 201
+
+
+def test_heartbeat_gives_up_at_once_when_the_lock_is_busy(db_url):
+    """The throttled writer never waits for the lock a phase holds (no self-deadlock)."""
+    release = threading.Event()
+    beats_seen = []
+
+    def holds(conn, ctx):
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS held (x INTEGER)")
+        for i in range(10):
+            ctx.progress(i, 10)
+            beats_seen.append(i)
+            if release.wait(0.05):
+                break
+
+    executor = Executor(db_url, [(1, "Holds", holds)], heartbeat_seconds=0.02)
+    started = time.monotonic()
+    run_id, thread = executor.start_reserved({})
+    thread.join(10)
+    assert not thread.is_alive()
+    # ten steps of 50 ms: the phase was never slowed down by its own heartbeat
+    assert time.monotonic() - started < 5
+    engine = db.create_engine(db_url)
+    try:
+        assert read_run(engine, run_id).status is RunStatus.COMPLETED
+    finally:
+        engine.dispose()
