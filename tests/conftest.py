@@ -1,21 +1,32 @@
-"""Shared fixtures: a fresh, migrated SQLite file per test, and helpers to wait."""
+"""Shared fixtures: a fresh, migrated database per test, and helpers to wait.
+
+``db_url`` is a SQLite file in tmp_path, and also a PostgreSQL database when
+PIPELINE_TEST_POSTGRES_URL names a server (``.ci/run`` sets it): the same
+tests run on both. ``sqlite_url`` is for tests of SQLite's own behaviour.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from pipeline import db, runs
 from pipeline.runs import Run
 
 T = TypeVar("T")
+
+POSTGRES_URL = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
+BACKENDS = ["sqlite", "postgresql"] if POSTGRES_URL else ["sqlite"]
 
 
 @pytest.fixture(scope="session")
@@ -26,11 +37,63 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _postgres_admin() -> Engine:
+    assert POSTGRES_URL is not None
+    return sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+
+
+def _database_url(name: str) -> str:
+    assert POSTGRES_URL is not None
+    return sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    """A migrated PostgreSQL database that each test's database is copied from."""
+    name = f"pipeline_test_template_{os.getpid()}"
+    admin = _postgres_admin()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    db.migrate(_database_url(name))
+    yield name
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
 @pytest.fixture
-def db_url(tmp_path: Path, migrated_template: Path) -> str:
+def sqlite_url(tmp_path: Path, migrated_template: Path) -> str:
     path = tmp_path / "pipeline.db"
     shutil.copy(migrated_template, path)
     return f"sqlite:///{path}"
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(
+    request: pytest.FixtureRequest, tmp_path: Path, migrated_template: Path
+) -> Iterator[str]:
+    """A fresh migrated database: SQLite always, PostgreSQL too when configured."""
+    if request.param == "sqlite":
+        path = tmp_path / "pipeline.db"
+        shutil.copy(migrated_template, path)
+        yield f"sqlite:///{path}"
+        return
+    template = request.getfixturevalue("postgres_template")
+    name = f"pipeline_test_{uuid.uuid4().hex[:12]}"
+    admin = _postgres_admin()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    try:
+        yield _database_url(name)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def is_sqlite_url(url: str) -> bool:
+    return url.startswith("sqlite")
 
 
 @pytest.fixture
@@ -73,6 +136,13 @@ def read_run(engine: Engine, run_id: int) -> Run:
     return run
 
 
-def scalar(engine: Engine, sql: str, *params: Any) -> Any:
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    """One value, from SQL with ``:name`` parameters (portable across backends)."""
     with db.read(engine) as conn:
-        return conn.exec_driver_sql(sql, params).scalar()
+        return conn.execute(sa.text(sql), params).scalar()
+
+
+def execute(engine: Engine, sql: str, **params: Any) -> None:
+    """One write statement in its own transaction, with ``:name`` parameters."""
+    with db.write(engine) as conn:
+        conn.execute(sa.text(sql), params)

@@ -17,8 +17,10 @@ from pipeline.runs import RunStatus
 from .conftest import read_run, wait_for
 
 
-def test_a_phase_meeting_a_foreign_lock_is_retried_not_failed(db_url, engine):
+def test_a_phase_meeting_a_foreign_lock_is_retried_not_failed(sqlite_url):
     """Another process holds the write lock past the busy timeout: the phase tries again."""
+    db_url = sqlite_url
+    engine = db.create_engine(db_url)
     path = db_url.removeprefix("sqlite:///")
     holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     in_phase = threading.Event()
@@ -50,12 +52,14 @@ def test_a_phase_meeting_a_foreign_lock_is_retried_not_failed(db_url, engine):
     assert len(attempts) == run.phases[0].attempts
 
 
-def test_api_writes_during_a_long_phase_succeed_or_get_503(db_url, engine):
+def test_api_writes_during_a_long_phase_succeed_or_get_503(sqlite_url):
     """While a phase holds the write lock for seconds, POST/cancel/resume never 500.
 
     Each answer is a success after a bounded wait or a 503 with Retry-After, no
     body says "locked", and the phase's sub-progress stays visible meanwhile.
     """
+    db_url = sqlite_url
+    engine = db.create_engine(db_url)
     holding = threading.Event()
     release = threading.Event()
 
@@ -104,8 +108,9 @@ def test_api_writes_during_a_long_phase_succeed_or_get_503(db_url, engine):
         assert retried.status_code == 201
 
 
-def test_heartbeat_gives_up_at_once_when_the_lock_is_busy(db_url):
+def test_heartbeat_gives_up_at_once_when_the_lock_is_busy(sqlite_url):
     """The throttled writer never waits for the lock a phase holds (no self-deadlock)."""
+    db_url = sqlite_url
     release = threading.Event()
     beats_seen = []
 
@@ -124,7 +129,7 @@ def test_heartbeat_gives_up_at_once_when_the_lock_is_busy(db_url):
     assert not thread.is_alive()
     # ten steps of 50 ms: the phase was never slowed down by its own heartbeat
     assert time.monotonic() - started < 5
-    engine = db.create_engine(db_url)
+    engine = db.create_engine(sqlite_url)
     try:
         assert read_run(engine, run_id).status is RunStatus.COMPLETED
     finally:

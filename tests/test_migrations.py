@@ -26,10 +26,9 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-def test_upgrade_downgrade_upgrade(tmp_path):
+def test_upgrade_downgrade_upgrade(db_url):
     """Head, then base (nothing left but alembic_version), then head again."""
-    url = f"sqlite:///{tmp_path / 'm.db'}"
-    db.migrate(url)
+    url = db_url
     assert set(metadata.tables) <= _tables(url)
     command.downgrade(db.alembic_config(url), "base")
     assert _tables(url) <= {"alembic_version"}
@@ -49,9 +48,9 @@ def test_migrated_schema_matches_table_definitions(db_url):
     assert diff == []
 
 
-def test_migrated_database_uses_wal(db_url):
+def test_migrated_database_uses_wal(sqlite_url):
     """WAL is switched on at migration time, before any runner starts."""
-    path = db_url.removeprefix("sqlite:///")
+    path = sqlite_url.removeprefix("sqlite:///")
     import sqlite3
 
     with sqlite3.connect(path) as raw:

@@ -31,16 +31,16 @@ def items(engine):
 
 
 def insert_item(conn, ctx, value="x"):
-    conn.exec_driver_sql(
-        "INSERT INTO items (run_id, phase, value) VALUES (?, ?, ?)",
-        (ctx.run_id, ctx.phase_num, value),
+    conn.execute(
+        sa.text("INSERT INTO items (run_id, phase, value) VALUES (:r, :p, :v)"),
+        {"r": ctx.run_id, "p": ctx.phase_num, "v": value},
     )
 
 
 def item_phases(engine, run_id):
     with db.read(engine) as conn:
-        rows = conn.exec_driver_sql(
-            "SELECT phase FROM items WHERE run_id = ? ORDER BY phase", (run_id,)
+        rows = conn.execute(
+            sa.text("SELECT phase FROM items WHERE run_id = :r ORDER BY phase"), {"r": run_id}
         )
         return [r[0] for r in rows]
 
@@ -52,18 +52,14 @@ def run_to_end(db_url, registry, params=None):
     return run_id
 
 
-def test_runner_uses_its_own_engine_and_connection_with_pragmas(db_url, engine):
-    """The phase's connection is a different engine and DBAPI connection, in WAL with FKs on."""
+def test_runner_uses_its_own_engine_and_connection(db_url, engine):
+    """The phase's connection is a different engine and DBAPI connection, in its own thread."""
     seen = {}
 
     def inspect_connection(conn, ctx):
         seen["engine"] = conn.engine
         seen["dbapi"] = conn.connection.dbapi_connection
         seen["thread"] = threading.current_thread()
-        seen["journal_mode"] = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
-        seen["foreign_keys"] = conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
-        seen["busy_timeout"] = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
-        seen["synchronous"] = conn.exec_driver_sql("PRAGMA synchronous").scalar()
 
     with engine.connect() as mine:
         my_dbapi = mine.connection.dbapi_connection
@@ -73,11 +69,22 @@ def test_runner_uses_its_own_engine_and_connection_with_pragmas(db_url, engine):
     assert seen["thread"] is not threading.current_thread()
     assert seen["thread"].daemon is False
     assert seen["thread"].name == f"pipeline-run-{run_id}"
+    assert read_run(engine, run_id).status is RunStatus.COMPLETED
+
+
+def test_runner_connection_has_the_sqlite_pragmas(sqlite_url):
+    """WAL, foreign keys, a busy timeout and synchronous=NORMAL on the runner's connection."""
+    seen = {}
+
+    def pragmas(conn, ctx):
+        for name in ("journal_mode", "foreign_keys", "busy_timeout", "synchronous"):
+            seen[name] = conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+
+    run_to_end(sqlite_url, [(1, "Pragmas", pragmas)])
     assert seen["journal_mode"] == "wal"
     assert seen["foreign_keys"] == 1
     assert seen["busy_timeout"] >= 1000
     assert seen["synchronous"] == 1  # NORMAL
-    assert read_run(engine, run_id).status is RunStatus.COMPLETED
 
 
 def test_foreign_key_violation_inside_a_phase_fails_the_run(db_url, engine):
@@ -91,7 +98,7 @@ def test_foreign_key_violation_inside_a_phase_fails_the_run(db_url, engine):
     run_id = run_to_end(db_url, [(1, "Dangling", dangling)])
     run = read_run(engine, run_id)
     assert run.status is RunStatus.FAILED
-    assert "FOREIGN KEY" in (run.error_message or "")
+    assert "foreign key" in (run.error_message or "").lower()
     assert scalar(engine, "SELECT count(*) FROM example_comments") == 0
 
 
@@ -219,10 +226,12 @@ def test_read_then_write_then_raise_leaves_nothing(db_url, items):
     def reads_then_writes_then_raises(conn, ctx):
         conn.exec_driver_sql("SELECT count(*) FROM items").scalar()
         conn.exec_driver_sql("CREATE TABLE made_by_phase (x INTEGER)")
-        conn.exec_driver_sql(
-            "WITH v(x) AS (SELECT 'cte') INSERT INTO items (run_id, phase, value) "
-            "SELECT ?, ?, x FROM v",
-            (ctx.run_id, ctx.phase_num),
+        conn.execute(
+            sa.text(
+                "WITH v(x) AS (SELECT 'cte') INSERT INTO items (run_id, phase, value) "
+                "SELECT :r, :p, x FROM v"
+            ),
+            {"r": ctx.run_id, "p": ctx.phase_num},
         )
         insert_item(conn, ctx)
         raise Boom("after writing")
@@ -234,8 +243,14 @@ def test_read_then_write_then_raise_leaves_nothing(db_url, items):
     assert "made_by_phase" not in tables
 
 
-def test_a_concurrent_write_is_never_silently_overwritten(db_url, engine):
-    """Read-modify-write in a phase and in another connection: both increments survive."""
+def test_a_concurrent_write_is_never_silently_overwritten(sqlite_url):
+    """Read-modify-write in a phase and in another connection: both increments survive.
+
+    SQLite's promise (BEGIN IMMEDIATE at the first read). On PostgreSQL a
+    phase uses SELECT ... FOR UPDATE for this, as anywhere on PostgreSQL.
+    """
+    db_url = sqlite_url
+    engine = db.create_engine(db_url)
     with db.write(engine) as conn:
         conn.exec_driver_sql("CREATE TABLE counter (n INTEGER NOT NULL)")
         conn.exec_driver_sql("INSERT INTO counter VALUES (0)")
@@ -249,7 +264,7 @@ def test_a_concurrent_write_is_never_silently_overwritten(db_url, engine):
         assert other_is_writing.wait(10)
         # Give the other writer every chance to slip in between our read and write.
         other_done.wait(0.5)
-        conn.exec_driver_sql("UPDATE counter SET n = ?", (value + 1,))
+        conn.execute(sa.text("UPDATE counter SET n = :n"), {"n": value + 1})
 
     def other_writer():
         assert phase_has_read.wait(10)
@@ -258,7 +273,7 @@ def test_a_concurrent_write_is_never_silently_overwritten(db_url, engine):
             other_is_writing.set()
             with db.write(other) as conn:
                 value = conn.exec_driver_sql("SELECT n FROM counter").scalar_one()
-                conn.exec_driver_sql("UPDATE counter SET n = ?", (value + 10,))
+                conn.execute(sa.text("UPDATE counter SET n = :n"), {"n": value + 10})
         finally:
             other_done.set()
             other.dispose()
@@ -269,6 +284,7 @@ def test_a_concurrent_write_is_never_silently_overwritten(db_url, engine):
     writer.join(20)
     assert read_run(engine, run_id).status is RunStatus.COMPLETED
     assert scalar(engine, "SELECT n FROM counter") == 11
+    engine.dispose()
 
 
 def test_sub_progress_is_readable_from_another_connection_during_the_phase(db_url, engine):

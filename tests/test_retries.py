@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import sqlalchemy as sa
 
 from pipeline import db, phase
 from pipeline.orchestrator import Executor, start_run
@@ -38,7 +39,9 @@ def test_declared_error_is_retried_and_writes_apply_once(db_url, items):
     @phase(retries=3, backoff=0.01, retry_on=(Flaky,))
     def flaky(conn, ctx):
         attempts.append(1)
-        conn.exec_driver_sql("INSERT INTO items VALUES (?, ?)", (ctx.run_id, len(attempts)))
+        conn.execute(
+            sa.text("INSERT INTO items VALUES (:r, :a)"), {"r": ctx.run_id, "a": len(attempts)}
+        )
         if len(attempts) < 3:
             raise Flaky(f"try {len(attempts)}")
 
@@ -76,7 +79,7 @@ def test_retries_spent_fail_with_the_last_error(db_url, items):
 
     @phase(retries=2, backoff=0.01, retry_on=(Flaky,))
     def always(conn, ctx):
-        conn.exec_driver_sql("INSERT INTO items VALUES (?, 0)", (ctx.run_id,))
+        conn.execute(sa.text("INSERT INTO items VALUES (:r, 0)"), {"r": ctx.run_id})
         raise Flaky(f"attempt at {ctx.phase_label}")
 
     run_id = run_to_end(db_url, [(1, "Always", always)])

@@ -228,6 +228,37 @@ class GracefulServer(uvicorn.Server):
         self.handle_exit(sig, frame)
 
 
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    """Claim and execute queued runs until SIGTERM; then let the running ones finish."""
+    from pipeline.service import Service
+
+    _engine(settings).dispose()
+    service = Service(settings, execute=True, concurrency=args.concurrency)
+    stop = threading.Event()
+    worker_log = logging.getLogger("pipeline.worker")
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            worker_log.warning("second signal: exiting now; unfinished runs will be swept later")
+            os._exit(128 + sig)
+        worker_log.info("stopping: no new claims; waiting for running runs to finish")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    service.start()
+    worker_log.info(
+        "worker %s ready: up to %d runs at once",
+        service.executor.identity,
+        service.executor.max_concurrent,
+    )
+    while not stop.wait(0.5):
+        pass
+    service.stop(wait=True)
+    worker_log.info("worker stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -245,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the HTTP service and dashboard; runs execute here")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    worker = sub.add_parser("worker", help="claim and execute queued runs (many may run)")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        choices=range(1, 257),
+        metavar="N",
+        help="runs executing at once in this worker (default PIPELINE_MAX_CONCURRENT_RUNS)",
+    )
     listing = sub.add_parser("list", help="a table of recent runs")
     listing.add_argument("--status", choices=[s.value for s in RunStatus])
     listing.add_argument("--limit", type=int, default=20, choices=range(1, 501), metavar="1-500")
@@ -255,6 +294,7 @@ COMMANDS = {
     "migrate": cmd_migrate,
     "run": cmd_run,
     "serve": cmd_serve,
+    "worker": cmd_worker,
     "status": cmd_status,
     "list": cmd_list,
 }

@@ -6,6 +6,8 @@ that every entry point agrees on which database and which registry it uses.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -30,6 +32,13 @@ class Settings(BaseSettings):
     sweep_seconds: float = Field(default=30.0, gt=0)
     # How long a writer waits for SQLite's lock before the request becomes a 503.
     busy_timeout_ms: int = Field(default=5000, ge=0)
+    # "thread": the API process executes runs itself; "worker": it only queues
+    # them, and `pipeline worker` processes execute them.
+    executor: Literal["thread", "worker"] = "thread"
+    # Queue a run whose runner was lost again instead of failing it.
+    auto_resume: bool = False
+    # How often an idle server or worker looks for queued runs.
+    poll_seconds: float = Field(default=1.0, gt=0)
 
 
 def get_settings() -> Settings:

@@ -272,25 +272,35 @@ def process_identity() -> str:
     return f"{HOST}:{os.getpid()}:{_process_start()}"
 
 
-def owner_is_dead(owner: str, heartbeat_at: dt.datetime | None, *, lease_seconds: float) -> bool:
-    """Known dead on this host (process gone), or silent for longer than the lease elsewhere."""
+def why_owner_is_dead(
+    owner: str, heartbeat_at: dt.datetime | None, *, lease_seconds: float
+) -> str | None:
+    """How a run's owner was lost, or None while it may be alive.
+
+    On this host we know: the process is gone (or its pid now belongs to a
+    younger process) means "interrupted", and a live process is never
+    touched, however slow. Elsewhere only the heartbeat tells: silent for
+    longer than the lease means "worker lost".
+    """
     try:
         host, pid_text, started, _thread = owner.split(":", 3)
         pid = int(pid_text)
     except ValueError:
-        return False
+        return None
     if host == HOST:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return True
+            return "interrupted"
         except PermissionError:
             pass
         actual = _read_start(pid)
-        return actual is not None and started != "0" and actual != started
+        reused = actual is not None and started != "0" and actual != started
+        return "interrupted" if reused else None
     if heartbeat_at is None:
-        return False
-    return (runs.utcnow() - heartbeat_at).total_seconds() > lease_seconds
+        return None
+    silent = (runs.utcnow() - heartbeat_at).total_seconds()
+    return "worker lost" if silent > lease_seconds else None
 
 
 def _retry_on_lock(action: Callable[[], T], *, what: str, attempts: int = 6) -> T:
@@ -349,16 +359,6 @@ class Executor:
         self._serial = 0
 
     # -- starting runs --
-
-    def submit(self, params: Mapping[str, Any], *, engine: Engine) -> int:
-        """Queue a run (the API's way) and wake a runner if a slot is free.
-
-        No retry here: a request waits the busy timeout at most, then its
-        client gets a 503 with Retry-After.
-        """
-        run_id = self._insert(engine, params, owner=None)
-        self.wake()
-        return run_id
 
     def start_reserved(self, params: Mapping[str, Any]) -> tuple[int, threading.Thread]:
         """Create a run owned by this process from the start and execute it in a new thread.
@@ -691,19 +691,22 @@ class Executor:
 
     # -- housekeeping --
 
-    def sweep(self, engine: Engine, *, lease_seconds: float) -> list[int]:
-        """Fail runs whose runner is gone (DESIGN, "One run's life", step 7)."""
+    def sweep(self, engine: Engine, *, lease_seconds: float, requeue: bool = False) -> list[int]:
+        """End runs whose runner is gone (DESIGN, "One run's life", step 7)."""
 
-        def is_dead(owner: str, heartbeat_at: dt.datetime | None) -> bool:
-            return owner_is_dead(owner, heartbeat_at, lease_seconds=lease_seconds)
+        def why_dead(owner: str, heartbeat_at: dt.datetime | None) -> str | None:
+            return why_owner_is_dead(owner, heartbeat_at, lease_seconds=lease_seconds)
 
         def write() -> list[int]:
             with db.write(engine) as conn:
-                return runs.sweep_interrupted(conn, is_dead=is_dead)
+                return runs.sweep_interrupted(conn, why_dead=why_dead, requeue=requeue)
 
         swept = _retry_on_lock(write, what="sweep interrupted runs")
+        outcome = "queued again" if requeue else "marked failed"
         for run_id in swept:
-            log.warning("run %s was interrupted (its runner is gone); marked failed", run_id)
+            log.warning("run %s lost its runner; %s", run_id, outcome)
+        if swept and requeue:
+            self.wake()
         return swept
 
     def shutdown(self, *, wait: bool = True, timeout: float | None = None) -> bool:

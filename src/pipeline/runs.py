@@ -610,12 +610,16 @@ def heartbeat(conn: Connection, *, beats: Sequence[Beat]) -> dict[int, bool]:
 def sweep_interrupted(
     conn: Connection,
     *,
-    is_dead: Callable[[str, dt.datetime | None], bool],
+    why_dead: Callable[[str, dt.datetime | None], str | None],
+    requeue: bool = False,
 ) -> list[int]:
-    """Fail the runs whose runner is gone; ``is_dead(owner, heartbeat_at)`` decides.
+    """End the runs whose runner is gone; ``why_dead(owner, heartbeat_at)`` decides.
 
+    It answers None for a live owner, else how the owner was lost
+    ("interrupted", "worker lost"). Such a run is marked failed, or with
+    ``requeue`` queued again to continue from its first incomplete phase.
     Queued runs reserved by a dead process (``pipeline run --wait`` killed
-    before it started) are failed too: nobody else would ever start them.
+    before it started) are ended too: nobody else would ever start them.
     """
     rows = conn.execute(
         sa.select(
@@ -633,12 +637,18 @@ def sweep_interrupted(
     now = utcnow()
     swept = []
     for row in rows:
-        if not is_dead(row.owner, row.heartbeat_at):
+        reason = why_dead(row.owner, row.heartbeat_at)
+        if reason is None:
             continue
         if row.status == RunStatus.RUNNING.value:
-            message = f"interrupted during phase {row.current_phase} ({row.phase_label})"
+            message = f"{reason} during phase {row.current_phase} ({row.phase_label})"
         else:
-            message = "interrupted before it started"
+            message = f"{reason} before it started"
+        values: dict[str, Any] = {"phase_progress_current": None, "phase_progress_total": None}
+        if requeue:
+            values.update(status=RunStatus.QUEUED.value, owner=None)
+        else:
+            values.update(status=RunStatus.FAILED.value, error_message=message, completed_at=now)
         result = conn.execute(
             sa.update(runs_t)
             .where(
@@ -650,19 +660,22 @@ def sweep_interrupted(
                 if row.heartbeat_at is None
                 else runs_t.c.heartbeat_at == row.heartbeat_at,
             )
-            .values(
-                status=RunStatus.FAILED.value,
-                error_message=message,
-                completed_at=now,
-                phase_progress_current=None,
-                phase_progress_total=None,
-            )
+            .values(**values)
         )
-        if result.rowcount:
-            conn.execute(
-                sa.update(phases_t)
-                .where(phases_t.c.run_id == row.id, phases_t.c.status == "running")
-                .values(status="failed", finished_at=now)
+        if not result.rowcount:
+            continue
+        conn.execute(
+            sa.update(phases_t)
+            .where(phases_t.c.run_id == row.id, phases_t.c.status == "running")
+            .values(status="pending" if requeue else "failed", finished_at=None if requeue else now)
+        )
+        if requeue:
+            add_warnings(
+                conn,
+                run_id=row.id,
+                phase=row.current_phase,
+                messages=[f"{message}; queued again to continue"],
+                now=now,
             )
-            swept.append(row.id)
+        swept.append(row.id)
     return swept

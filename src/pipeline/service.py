@@ -23,16 +23,25 @@ from pipeline.schema import analysis_runs
 
 log = logging.getLogger("pipeline.service")
 
-# How often a server looks for runs queued by other processes (``pipeline run``
-# without --wait, another API process): a cheap indexed query.
-QUEUE_POLL_SECONDS = 1.0
-
 
 class Service:
-    """One database, one registry, one executor, and the loops that keep them honest."""
+    """One database, one registry, one executor, and the loops that keep them honest.
 
-    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+    With ``execute`` (an API process in thread mode, or a worker) it runs the
+    queued runs itself; without (an API process in worker mode) it only
+    queues them, and still sweeps runs whose runner was lost.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry | None = None,
+        *,
+        execute: bool | None = None,
+        concurrency: int | None = None,
+    ) -> None:
         self.settings = settings
+        self.execute = settings.executor == "thread" if execute is None else execute
         self.registry = load_registry(settings.phases) if registry is None else list(registry)
         self.engine: Engine = db.create_engine(
             settings.database_url, busy_timeout_ms=settings.busy_timeout_ms
@@ -40,7 +49,7 @@ class Service:
         self.executor = Executor(
             settings.database_url,
             self.registry,
-            max_concurrent=settings.max_concurrent_runs,
+            max_concurrent=concurrency or settings.max_concurrent_runs,
             heartbeat_seconds=settings.heartbeat_seconds,
             busy_timeout_ms=settings.busy_timeout_ms,
         )
@@ -52,8 +61,9 @@ class Service:
     def start(self) -> None:
         """Refuse an unmigrated database, sweep interrupted runs, start queued ones."""
         db.check_schema(self.engine)
-        self.executor.sweep(self.engine, lease_seconds=self.settings.lease_seconds)
-        self.executor.wake()
+        self.sweep()
+        if self.execute:
+            self.executor.wake()
         self._housekeeper = threading.Thread(
             target=self._housekeeping, name="pipeline-housekeeper", daemon=True
         )
@@ -80,16 +90,29 @@ class Service:
 
             await anyio.to_thread.run_sync(self.stop)
 
+    def sweep(self) -> list[int]:
+        return self.executor.sweep(
+            self.engine,
+            lease_seconds=self.settings.lease_seconds,
+            requeue=self.settings.auto_resume,
+        )
+
     def _housekeeping(self) -> None:
-        sweep_every = self.settings.sweep_seconds
+        """Sweep lost runs now and then; pick up runs queued by other processes.
+
+        The queue check is one indexed query per ``poll_seconds``; runners
+        that finish a run claim the next one themselves, so this only matters
+        for an idle process.
+        """
+        poll = self.settings.poll_seconds
         since_sweep = 0.0
-        while not self._stop.wait(QUEUE_POLL_SECONDS):
+        while not self._stop.wait(poll):
             try:
-                since_sweep += QUEUE_POLL_SECONDS
-                if since_sweep >= sweep_every:
+                since_sweep += poll
+                if since_sweep >= self.settings.sweep_seconds:
                     since_sweep = 0.0
-                    self.executor.sweep(self.engine, lease_seconds=self.settings.lease_seconds)
-                if self._queue_waiting():
+                    self.sweep()
+                if self.execute and self._queue_waiting():
                     self.executor.wake()
             except Exception:
                 log.exception("housekeeping failed; will try again")
@@ -109,7 +132,10 @@ class Service:
     # -- what requests do (each one short transaction) --
 
     def create_run(self, params: Mapping[str, Any]) -> Run:
-        run_id = self.executor.submit(params, engine=self.engine)
+        with db.write(self.engine) as conn:
+            run_id = runs.create_run(conn, params=params)
+        if self.execute:
+            self.executor.wake()
         run = self.get_run(run_id)
         assert run is not None
         return run
@@ -139,7 +165,7 @@ class Service:
     def resume(self, run_id: int) -> tuple[Outcome, Run | None]:
         with db.write(self.engine) as conn:
             outcome = runs.resume(conn, run_id=run_id)
-        if outcome is Outcome.DONE:
+        if outcome is Outcome.DONE and self.execute:
             self.executor.wake()
         return outcome, self.get_run(run_id)
 
