@@ -283,9 +283,7 @@ def create_router(service: Service) -> APIRouter:
     def resume_run(run_id: RunId) -> dict[str, Any]:
         """Queue a failed or cancelled run again, from its first phase not completed."""
         outcome, run = service.resume(run_id)
-        return act(
-            outcome, run, run_id, "the run is {status}; only failed or cancelled runs resume"
-        )
+        return act(outcome, run, run_id, "only failed or cancelled runs can resume")
 
     @router.get(
         "/runs/{run_id}/events",

@@ -1,0 +1,850 @@
+/* analysis-pipeline dashboard: plain JavaScript, no build step, no dependencies.
+ *
+ * Data flow: GET /runs fills the list (and is repeated every few seconds to
+ * catch runs started elsewhere); every active run is followed live through
+ * GET /runs/{id}/events, read with fetch() and a small server-sent-events
+ * parser (EventSource cannot send an Authorization header). Everything the
+ * server says is put on the page with textContent, never as HTML.
+ */
+"use strict";
+
+(function () {
+  const TOKEN_KEY = "pipeline.apiToken";
+  const LIST_LIMIT = 50;
+  const REFRESH_MS = 5000;          // the list, when every active run is streamed
+  const FAST_REFRESH_MS = 1500;     // the list, when some active run is not
+  const MAX_STREAMS = 4;            // browsers allow ~6 connections per host
+  const BACKOFF_MS = [500, 1000, 2000, 4000, 5000];
+  const ACTIVE = new Set(["queued", "running"]);
+  const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+
+  const state = {
+    runs: new Map(),        // id -> Run JSON
+    rows: new Map(),        // id -> row elements
+    streams: new Map(),     // id -> {controller, live}
+    selected: null,         // id of the run shown in details
+    detailsKey: "",         // what the details panel last rendered
+    pending: new Set(),     // "cancel-3", "resume-3": actions in flight
+    loaded: false,
+  };
+
+  // -- small DOM helpers -----------------------------------------------------
+
+  const $ = (selector, root) => (root || document).querySelector(selector);
+
+  /** An element with attributes and children; strings become text nodes. */
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "className") el.className = value;
+      else if (key === "text") el.textContent = value;
+      else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+      else el.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(typeof child === "string" ? document.createTextNode(child) : child);
+    }
+    return el;
+  }
+
+  function setText(el, text) {
+    const value = text === null || text === undefined ? "" : String(text);
+    if (el.textContent !== value) el.textContent = value;
+  }
+
+  // -- formatting ------------------------------------------------------------
+
+  function parseTime(value) {
+    if (!value) return null;
+    const t = Date.parse(value);
+    return Number.isNaN(t) ? null : t;
+  }
+
+  function formatDuration(ms) {
+    if (ms === null || ms === undefined || ms < 0) return "";
+    if (ms < 1000) return `${Math.round(ms)} ms`;
+    const s = ms / 1000;
+    if (s < 10) return `${s.toFixed(1)} s`;
+    if (s < 60) return `${Math.round(s)} s`;
+    const total = Math.round(s);
+    const hours = Math.floor(total / 3600);
+    const minutes = Math.floor((total % 3600) / 60);
+    const seconds = total % 60;
+    if (hours) return `${hours} h ${String(minutes).padStart(2, "0")} min`;
+    return `${minutes} min ${String(seconds).padStart(2, "0")} s`;
+  }
+
+  function formatTime(value) {
+    const t = parseTime(value);
+    if (t === null) return "—";
+    const d = new Date(t);
+    const sameDay = d.toDateString() === new Date().toDateString();
+    return sameDay
+      ? d.toLocaleTimeString()
+      : d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "medium" });
+  }
+
+  function formatPercent(p) {
+    const value = Number(p) || 0;
+    return `${Number.isInteger(value) ? value : value.toFixed(1)}%`;
+  }
+
+  function runDuration(run) {
+    const start = parseTime(run.started_at);
+    if (start === null) return null;
+    const end = parseTime(run.completed_at);
+    return (end === null ? Date.now() : end) - start;
+  }
+
+  function phaseLine(run) {
+    const total = run.progress_total;
+    const num = run.current_phase;
+    const label = run.phase_label || "";
+    const where = num && total ? `phase ${num}/${total}` : num ? `phase ${num}` : "";
+    const named = [where, label].filter(Boolean).join(" · ");
+    switch (run.status) {
+      case "queued":
+        return named && run.progress_current > 0 ? `waiting to resume at ${named}` : "waiting to start";
+      case "completed":
+        return total ? `all ${total} phase${total === 1 ? "" : "s"} done` : "done";
+      case "failed":
+        return named ? `failed at ${named}` : "failed";
+      case "cancelled":
+        return named ? `stopped at ${named}` : "cancelled";
+      default:
+        return named || "starting";
+    }
+  }
+
+  function plural(n, word) {
+    return `${n} ${word}${n === 1 ? "" : "s"}`;
+  }
+
+  /** FastAPI's `detail`: a string, or a list of validation errors. */
+  function readableDetail(body, fallback) {
+    const detail = body && typeof body === "object" ? body.detail : null;
+    if (typeof detail === "string" && detail) return detail;
+    if (Array.isArray(detail)) {
+      const parts = detail.map((item) => {
+        if (item && typeof item === "object") {
+          const where = Array.isArray(item.loc) ? item.loc.filter((x) => x !== "body").join(".") : "";
+          return where ? `${where}: ${item.msg}` : String(item.msg || JSON.stringify(item));
+        }
+        return String(item);
+      });
+      if (parts.length) return parts.join("; ");
+    }
+    if (detail && typeof detail === "object") return JSON.stringify(detail);
+    return fallback;
+  }
+
+  // -- token and API calls ---------------------------------------------------
+
+  function getToken() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch (_) {
+      return null;
+    }
+  }
+
+  function setToken(token) {
+    try {
+      if (token) sessionStorage.setItem(TOKEN_KEY, token);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (_) {
+      /* storage disabled: the token lives as long as the page */
+    }
+    memoryToken = token || null;
+  }
+
+  let memoryToken = null;
+  let tokenWait = null;   // one shared promise while the token form is shown
+
+  function currentToken() {
+    return getToken() || memoryToken;
+  }
+
+  /** Show the token form (once, however many calls are waiting) and wait for it. */
+  function askForToken(rejected) {
+    if (!tokenWait) {
+      const form = $('[data-testid="token-form"]');
+      const error = $('[data-testid="token-error"]');
+      const input = $('[data-testid="token-input"]');
+      error.hidden = !rejected;
+      setText(error, rejected ? "That token was not accepted. Please check it and try again." : "");
+      form.hidden = false;
+      setConnection("auth", "Waiting for the access token");
+      input.value = "";
+      input.focus();
+      tokenWait = new Promise((resolve) => {
+        form.addEventListener(
+          "submit",
+          function onSubmit(event) {
+            event.preventDefault();
+            const token = input.value.trim();
+            if (!token) {
+              error.hidden = false;
+              setText(error, "Please enter the token.");
+              form.addEventListener("submit", onSubmit, { once: true });
+              return;
+            }
+            setToken(token);
+            form.hidden = true;
+            input.value = "";
+            tokenWait = null;
+            resolve(token);
+          },
+          { once: true },
+        );
+      });
+    }
+    return tokenWait;
+  }
+
+  /** fetch() with the bearer token; a 401 asks for the token and tries again. */
+  async function api(path, options) {
+    const opts = Object.assign({}, options || {});
+    for (;;) {
+      if (tokenWait) await tokenWait;
+      const token = currentToken();
+      const headers = new Headers(opts.headers || {});
+      if (token) headers.set("Authorization", `Bearer ${token}`);
+      if (!headers.has("Accept")) headers.set("Accept", "application/json");
+      const response = await fetch(path, Object.assign({}, opts, { headers }));
+      if (response.status !== 401) return response;
+      const sent = token;
+      // Another call may already have asked and got a new token: just retry.
+      if (currentToken() && currentToken() !== sent) continue;
+      if (sent) setToken(null);
+      await askForToken(Boolean(sent));
+    }
+  }
+
+  async function readJson(response) {
+    try {
+      return await response.json();
+    } catch (_) {
+      return null;
+    }
+  }
+
+  // -- banner and connection status -------------------------------------------
+
+  function showError(message) {
+    const banner = $('[data-testid="error-banner"]');
+    setText($(".banner-text", banner), message);
+    banner.hidden = false;
+  }
+
+  function hideError() {
+    $('[data-testid="error-banner"]').hidden = true;
+  }
+
+  function setConnection(kind, text) {
+    const el = $('[data-testid="connection"]');
+    el.dataset.state = kind;
+    setText($(".connection-text", el), text);
+  }
+
+  // -- the run list ----------------------------------------------------------
+
+  function isActive(run) {
+    return ACTIVE.has(run.status);
+  }
+
+  /** Record a run from any source and redraw what shows it. */
+  function applyRun(run, source) {
+    if (!run || typeof run.id !== "number") return;
+    const known = state.runs.get(run.id);
+    const stream = state.streams.get(run.id);
+    // An open stream is the freshest view of its run: a list fetched a moment
+    // earlier must not move its progress back.
+    if (source === "list" && known && stream && stream.live) return;
+    state.runs.set(run.id, run);
+    renderRow(run);
+    renderSummary();
+    if (state.selected === run.id) renderDetails();
+    ensureStreams();
+  }
+
+  function renderList() {
+    const list = $('[data-testid="run-list"]');
+    const ids = [...state.runs.keys()].sort((a, b) => b - a);
+    // Keep the existing row elements (no flicker, focus stays), only reorder.
+    let previous = null;
+    for (const id of ids) {
+      const row = state.rows.get(id) || renderRow(state.runs.get(id));
+      const expected = previous ? previous.nextSibling : list.firstChild;
+      if (expected !== row.root) list.insertBefore(row.root, expected);
+      previous = row.root;
+    }
+    for (const [id, row] of state.rows) {
+      if (!state.runs.has(id)) {
+        row.root.remove();
+        state.rows.delete(id);
+      }
+    }
+    $('[data-testid="runs-empty"]').hidden = !state.loaded || ids.length > 0;
+    $('[data-testid="runs-loading"]').hidden = state.loaded || ids.length > 0;
+    renderSummary();
+  }
+
+  function renderSummary() {
+    const all = [...state.runs.values()];
+    const active = all.filter(isActive).length;
+    setText(
+      $('[data-testid="runs-summary"]'),
+      all.length ? `${plural(all.length, "run")}${active ? ` · ${active} active` : ""}` : "",
+    );
+  }
+
+  function buildRow(id) {
+    const r = {};
+    r.title = h("button", { type: "button", className: "run-title", "data-testid": `run-open-${id}` }, `Run #${id}`);
+    r.status = h("span", { className: "badge", "data-testid": `run-status-${id}` });
+    r.duration = h("span", { className: "run-duration muted", "data-testid": `run-duration-${id}`, title: "Duration" });
+    r.cancel = h("button", {
+      type: "button",
+      className: "button small",
+      "data-testid": `cancel-${id}`,
+      onclick: (e) => { e.stopPropagation(); act(id, "cancel"); },
+    }, "Cancel");
+    r.resume = h("button", {
+      type: "button",
+      className: "button small",
+      "data-testid": `resume-${id}`,
+      onclick: (e) => { e.stopPropagation(); act(id, "resume"); },
+    }, "Resume");
+    r.phase = h("span", { className: "run-phase", "data-testid": `run-phase-${id}` });
+    r.sub = h("span", { className: "run-sub muted", "data-testid": `run-subtext-${id}` });
+    r.fill = h("span", { className: "bar-fill" });
+    r.bar = h("div", {
+      className: "bar",
+      role: "progressbar",
+      "aria-label": `Run ${id} overall progress`,
+      "aria-valuemin": "0",
+      "aria-valuemax": "100",
+      "data-testid": `run-progress-${id}`,
+    }, r.fill);
+    r.percent = h("span", { className: "bar-label", "data-testid": `run-percent-${id}` });
+    r.subFill = h("span", { className: "bar-fill" });
+    r.subBar = h("div", {
+      className: "bar bar-sub",
+      role: "progressbar",
+      "aria-label": `Run ${id} progress in the current phase`,
+      "aria-valuemin": "0",
+      "data-testid": `run-subprogress-${id}`,
+    }, r.subFill);
+    r.warnings = h("span", { className: "pill pill-warn", "data-testid": `run-warnings-${id}` });
+    r.error = h("span", { className: "run-error", "data-testid": `run-error-${id}` });
+    r.meta = h("div", { className: "run-meta" }, r.warnings, r.error);
+    r.root = h(
+      "li",
+      { className: "run-row", "data-testid": `run-row-${id}`, "data-run-id": id },
+      h("div", { className: "run-head" },
+        h("div", { className: "run-name" }, r.title, r.status),
+        h("div", { className: "run-side" }, r.duration, r.cancel, r.resume)),
+      h("div", { className: "run-line" }, r.phase, r.sub),
+      h("div", { className: "bar-row" }, r.bar, r.percent),
+      r.subBar,
+      r.meta,
+    );
+    r.root.addEventListener("click", () => select(id));
+    state.rows.set(id, r);
+    return r;
+  }
+
+  function renderRow(run) {
+    const id = run.id;
+    const isNew = !state.rows.has(id);
+    const r = state.rows.get(id) || buildRow(id);
+    const percent = Math.max(0, Math.min(100, Number(run.percent) || 0));
+
+    r.root.dataset.status = run.status;
+    r.root.classList.toggle("selected", state.selected === id);
+    r.title.setAttribute("aria-pressed", String(state.selected === id));
+
+    setText(r.status, run.status);
+    r.status.className = `badge badge-${run.status}`;
+    r.status.dataset.status = run.status;
+
+    const cancelling = run.status === "running" && Boolean(run.cancel_requested_at);
+    setText(r.phase, cancelling ? `${phaseLine(run)} · cancelling…` : phaseLine(run));
+
+    const showSub = run.status === "running" && run.phase_progress_total;
+    if (run.status === "running" && run.phase_progress_current !== null && run.phase_progress_current !== undefined) {
+      setText(r.sub, run.phase_progress_total
+        ? `${run.phase_progress_current} of ${run.phase_progress_total}`
+        : `step ${run.phase_progress_current}`);
+    } else {
+      setText(r.sub, "");
+    }
+    r.subBar.hidden = !showSub;
+    if (showSub) {
+      const cur = Math.max(0, Math.min(run.phase_progress_total, run.phase_progress_current || 0));
+      r.subFill.style.width = `${(100 * cur) / run.phase_progress_total}%`;
+      r.subBar.setAttribute("aria-valuemax", String(run.phase_progress_total));
+      r.subBar.setAttribute("aria-valuenow", String(cur));
+      r.subBar.dataset.current = String(cur);
+      r.subBar.dataset.total = String(run.phase_progress_total);
+    }
+
+    r.fill.style.width = `${percent}%`;
+    r.bar.setAttribute("aria-valuenow", String(percent));
+    r.bar.setAttribute("aria-valuetext", formatPercent(percent));
+    r.bar.dataset.percent = String(percent);
+    r.bar.dataset.status = run.status;
+    setText(r.percent, formatPercent(percent));
+
+    const warnCount = (run.warnings || []).length;
+    r.warnings.hidden = warnCount === 0;
+    setText(r.warnings, warnCount ? plural(warnCount, "warning") : "");
+    r.error.hidden = !run.error_message;
+    setText(r.error, run.error_message || "");
+    r.meta.hidden = warnCount === 0 && !run.error_message;
+
+    r.cancel.hidden = !isActive(run);
+    r.cancel.disabled = cancelling || state.pending.has(`cancel-${id}`);
+    setText(r.cancel, cancelling ? "Cancelling…" : "Cancel");
+    r.resume.hidden = !(run.status === "failed" || run.status === "cancelled");
+    r.resume.disabled = state.pending.has(`resume-${id}`);
+
+    updateDuration(run, r);
+    if (isNew) renderList();
+    return r;
+  }
+
+  function updateDuration(run, r) {
+    const ms = runDuration(run);
+    const text = ms === null ? "" : formatDuration(ms);
+    setText(r.duration, text);
+    r.duration.hidden = ms === null;
+  }
+
+  function tick() {
+    for (const [id, run] of state.runs) {
+      if (run.status === "running") {
+        const r = state.rows.get(id);
+        if (r) updateDuration(run, r);
+      }
+    }
+    const run = state.runs.get(state.selected);
+    if (run && run.status === "running") {
+      const el = $('[data-testid="details-duration"]');
+      if (el) setText(el, formatDuration(runDuration(run)));
+    }
+  }
+
+  // -- details -----------------------------------------------------------------
+
+  /** Show a run's details; clicking the selected run again closes them. */
+  function select(id, only) {
+    state.selected = state.selected === id && !only ? null : id;
+    for (const [rid, row] of state.rows) {
+      row.root.classList.toggle("selected", rid === state.selected);
+      row.title.setAttribute("aria-pressed", String(rid === state.selected));
+    }
+    state.detailsKey = "";
+    renderDetails();
+  }
+
+  function fact(label, value, testid) {
+    return h("div", { className: "fact" },
+      h("dt", {}, label),
+      h("dd", { "data-testid": testid || null }, value));
+  }
+
+  function renderDetails() {
+    const panel = $('[data-testid="run-details"]');
+    const run = state.selected === null ? null : state.runs.get(state.selected);
+    const key = run ? JSON.stringify(run) + [...state.pending].join(",") : "";
+    if (key === state.detailsKey && panel.firstChild) return;
+    state.detailsKey = key;
+    panel.classList.toggle("is-empty", !run);
+    if (!run) {
+      panel.replaceChildren(
+        h("p", { className: "empty details-empty" }, "Select a run to see its phases, warnings and parameters."),
+      );
+      return;
+    }
+    const id = run.id;
+    const ms = runDuration(run);
+    const actions = detailsActions(run);
+    const children = [
+      h("div", { className: "details-head" },
+        h("div", { className: "run-name" },
+          h("h2", { className: "card-title", "data-testid": "details-title" }, `Run #${id}`),
+          h("span", { className: `badge badge-${run.status}`, "data-testid": "details-status" }, run.status)),
+        actions),
+      h("p", { className: "muted details-phase" }, phaseLine(run)),
+      h("dl", { className: "facts" },
+        fact("Created", formatTime(run.created_at)),
+        fact("Started", formatTime(run.started_at)),
+        fact("Finished", formatTime(run.completed_at)),
+        fact("Duration", ms === null ? "—" : formatDuration(ms), "details-duration"),
+        fact("Progress", formatPercent(run.percent), "details-percent")),
+    ];
+    if (run.error_message) {
+      children.push(h("div", { className: "callout callout-error", "data-testid": "details-error" },
+        h("strong", {}, "Error"), h("p", {}, run.error_message)));
+    }
+
+    children.push(h("h3", { className: "section-title" }, "Phases"));
+    const phases = run.phases || [];
+    if (!phases.length) {
+      children.push(h("p", { className: "muted" }, "No phases recorded."));
+    } else {
+      children.push(h("ol", { className: "phases", "data-testid": "details-phases" },
+        phases.map((p) => {
+          const current = run.status === "running" && p.num === run.current_phase;
+          const sub = current && run.phase_progress_current !== null && run.phase_progress_current !== undefined
+            ? ` · ${run.phase_progress_current}${run.phase_progress_total ? ` of ${run.phase_progress_total}` : ""}`
+            : "";
+          return h("li", {
+            className: `phase phase-${p.status}${current ? " phase-current" : ""}`,
+            "data-testid": `phase-${p.num}`,
+            "data-status": p.status,
+          },
+          h("span", { className: "phase-num", "aria-hidden": "true" }, String(p.num)),
+          h("div", { className: "phase-main" },
+            h("div", { className: "phase-top" },
+              h("span", { className: "phase-label" }, p.label),
+              h("span", { className: `badge badge-${p.status} badge-small` }, p.status),
+              p.attempts > 1
+                ? h("span", { className: "pill", title: `${p.attempts} attempts`, "data-testid": `phase-attempts-${p.num}` }, `×${p.attempts}`)
+                : null),
+            h("div", { className: "phase-times muted small" },
+              p.started_at ? `started ${formatTime(p.started_at)}` : "not started",
+              p.finished_at ? ` · finished ${formatTime(p.finished_at)}` : "",
+              p.duration_ms !== null && p.duration_ms !== undefined ? ` · ${formatDuration(p.duration_ms)}` : "",
+              sub)));
+        })));
+    }
+
+    const warnings = run.warnings || [];
+    children.push(h("h3", { className: "section-title" }, `Warnings${warnings.length ? ` (${warnings.length})` : ""}`));
+    if (!warnings.length) {
+      children.push(h("p", { className: "muted" }, "None."));
+    } else {
+      children.push(h("ul", { className: "warnings", "data-testid": "details-warnings" },
+        warnings.map((w) => h("li", { className: "warning" },
+          h("span", { className: "pill pill-warn" }, w.phase === null || w.phase === undefined ? "run" : `phase ${w.phase}`),
+          h("span", {}, w.message)))));
+    }
+
+    children.push(h("h3", { className: "section-title" }, "Parameters"));
+    children.push(h("pre", { className: "code", "data-testid": "details-params" },
+      JSON.stringify(run.params || {}, null, 2)));
+    panel.replaceChildren(...children);
+  }
+
+  /** The details' buttons: kept (same elements) while they would not change, so a
+   *  click is never lost to a redraw caused by progress. */
+  let actionsCache = { key: "", el: null };
+
+  function detailsActions(run) {
+    const id = run.id;
+    const key = [id, run.status, run.cancel_requested_at, state.pending.has(`cancel-${id}`), state.pending.has(`resume-${id}`)].join("|");
+    if (actionsCache.key === key && actionsCache.el) return actionsCache.el;
+    const actions = h("div", { className: "details-actions" });
+    if (isActive(run)) {
+      const cancelling = Boolean(run.cancel_requested_at);
+      actions.append(h("button", {
+        type: "button", className: "button small", "data-testid": `details-cancel-${id}`,
+        disabled: cancelling || state.pending.has(`cancel-${id}`), onclick: () => act(id, "cancel"),
+      }, cancelling ? "Cancelling…" : "Cancel"));
+    }
+    if (run.status === "failed" || run.status === "cancelled") {
+      actions.append(h("button", {
+        type: "button", className: "button small", "data-testid": `details-resume-${id}`,
+        disabled: state.pending.has(`resume-${id}`), onclick: () => act(id, "resume"),
+      }, "Resume"));
+    }
+    actions.append(h("button", {
+      type: "button", className: "button small quiet", "aria-label": "Close details",
+      onclick: () => select(id),
+    }, "Close"));
+    actionsCache = { key, el: actions };
+    return actions;
+  }
+
+  // -- actions -----------------------------------------------------------------
+
+  async function act(id, action) {
+    const key = `${action}-${id}`;
+    if (state.pending.has(key)) return;
+    state.pending.add(key);
+    refreshRun(id);
+    try {
+      const response = await api(`runs/${id}/${action}`, { method: "POST" });
+      const body = await readJson(response);
+      if (response.ok) {
+        hideError();
+        applyRun(body, "action");
+      } else {
+        const what = action === "cancel" ? "cancel" : "resume";
+        showError(`Could not ${what} run #${id}: ${readableDetail(body, `the server answered ${response.status}`)}`);
+        if (response.status === 404) forget(id);
+        else refreshOne(id);
+      }
+    } catch (err) {
+      showError(`Could not reach the server to ${action} run #${id}. Is it still running?`);
+    } finally {
+      state.pending.delete(key);
+      refreshRun(id);
+    }
+  }
+
+  function refreshRun(id) {
+    const run = state.runs.get(id);
+    if (run) renderRow(run);
+    if (state.selected === id) renderDetails();
+  }
+
+  function forget(id) {
+    const stream = state.streams.get(id);
+    if (stream) stream.controller.abort();
+    state.runs.delete(id);
+    if (state.selected === id) state.selected = null;
+    renderList();
+    renderDetails();
+  }
+
+  async function refreshOne(id) {
+    try {
+      const response = await api(`runs/${id}`);
+      if (response.ok) applyRun(await readJson(response), "get");
+      else if (response.status === 404) forget(id);
+    } catch (_) {
+      /* the next list refresh will catch up */
+    }
+  }
+
+  async function startRun(event) {
+    event.preventDefault();
+    const input = $('[data-testid="params-input"]');
+    const error = $('[data-testid="params-error"]');
+    const button = $('[data-testid="start-button"]');
+    const showParamsError = (message) => {
+      setText(error, message);
+      error.hidden = false;
+      input.setAttribute("aria-invalid", "true");
+    };
+    error.hidden = true;
+    input.removeAttribute("aria-invalid");
+
+    const text = input.value.trim() || "{}";
+    let params;
+    try {
+      params = JSON.parse(text);
+    } catch (err) {
+      showParamsError(`The parameters are not valid JSON (${err.message}). Use an object such as {"subreddit": "python"}.`);
+      return;
+    }
+    if (params === null || typeof params !== "object" || Array.isArray(params)) {
+      const kind = params === null ? "null" : Array.isArray(params) ? "a list" : `a ${typeof params}`;
+      showParamsError(`The parameters must be a JSON object like {"key": "value"}, not ${kind}.`);
+      return;
+    }
+
+    button.disabled = true;
+    setText(button, "Starting…");
+    try {
+      const response = await api("runs", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ params }),
+      });
+      const body = await readJson(response);
+      if (response.ok) {
+        hideError();
+        applyRun(body, "create");
+        select(body.id, true);
+      } else if (response.status === 422) {
+        showParamsError(`The server rejected the parameters: ${readableDetail(body, "they are not valid")}`);
+      } else {
+        showError(`Could not start a run: ${readableDetail(body, `the server answered ${response.status}`)}`);
+      }
+    } catch (_) {
+      showError("Could not reach the server to start a run. Is it still running?");
+    } finally {
+      button.disabled = false;
+      setText(button, "Start run");
+    }
+  }
+
+  // -- live updates --------------------------------------------------------------
+
+  /** A tiny server-sent-events parser: feed it text, it calls onEvent(type, data). */
+  function sseParser(onEvent) {
+    let buffer = "";
+    let type = "";
+    let data = [];
+    const lineBreak = /\r\n|\r|\n/g;
+
+    function line(text) {
+      if (text === "") {
+        if (data.length) onEvent(type || "message", data.join("\n"));
+        type = "";
+        data = [];
+        return;
+      }
+      if (text.startsWith(":")) return;  // a comment (keep-alive ping)
+      const colon = text.indexOf(":");
+      const field = colon === -1 ? text : text.slice(0, colon);
+      let value = colon === -1 ? "" : text.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") type = value;
+      else if (field === "data") data.push(value);
+    }
+
+    return function feed(chunk, done) {
+      buffer += chunk;
+      let start = 0;
+      let match;
+      lineBreak.lastIndex = 0;
+      while ((match = lineBreak.exec(buffer)) !== null) {
+        // A trailing "\r" may be half of a "\r\n" that arrives with the next chunk.
+        if (match[0] === "\r" && match.index === buffer.length - 1 && !done) break;
+        line(buffer.slice(start, match.index));
+        start = lineBreak.lastIndex;
+      }
+      buffer = buffer.slice(start);
+      if (done && buffer) {
+        line(buffer);
+        buffer = "";
+      }
+    };
+  }
+
+  function sleep(ms, signal) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, ms);
+      if (signal) signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+    });
+  }
+
+  /** Start streams for active runs, newest and selected first, within the limit. */
+  function ensureStreams() {
+    const wanted = [...state.runs.values()]
+      .filter(isActive)
+      .sort((a, b) => (b.id === state.selected) - (a.id === state.selected) || b.id - a.id);
+    for (const run of wanted) {
+      if (state.streams.size >= MAX_STREAMS) break;
+      if (!state.streams.has(run.id)) follow(run.id);
+    }
+  }
+
+  async function follow(id) {
+    const stream = { controller: new AbortController(), live: false };
+    state.streams.set(id, stream);
+    const signal = stream.controller.signal;
+    let attempt = 0;
+    try {
+      while (!signal.aborted) {
+        try {
+          const response = await api(`runs/${id}/events`, {
+            headers: { Accept: "text/event-stream" },
+            cache: "no-store",
+            signal,
+          });
+          if (response.status === 404) {
+            forget(id);
+            return;
+          }
+          if (!response.ok || !response.body) throw new Error(`events answered ${response.status}`);
+          stream.live = true;
+          attempt = 0;
+          const reader = response.body.getReader();
+          const decoder = new TextDecoder();
+          const feed = sseParser((type, data) => {
+            if (type !== "run") return;
+            try {
+              applyRun(JSON.parse(data), "stream");
+            } catch (_) {
+              /* a malformed event: ignore it, the next one will do */
+            }
+          });
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (done) {
+              feed(decoder.decode(), true);
+              break;
+            }
+            feed(decoder.decode(value, { stream: true }), false);
+          }
+        } catch (_) {
+          if (signal.aborted) return;
+        } finally {
+          stream.live = false;
+        }
+        const run = state.runs.get(id);
+        if (!run || !isActive(run)) return;
+        // The stream ended while the run is still active: the server restarted
+        // or the connection dropped. Try again shortly.
+        await sleep(BACKOFF_MS[Math.min(attempt, BACKOFF_MS.length - 1)], signal);
+        attempt += 1;
+      }
+    } finally {
+      state.streams.delete(id);
+      ensureStreams();
+    }
+  }
+
+  let refreshTimer = null;
+
+  async function refreshList() {
+    clearTimeout(refreshTimer);
+    try {
+      const response = await api(`runs?limit=${LIST_LIMIT}`);
+      if (!response.ok) {
+        const body = await readJson(response);
+        throw new Error(readableDetail(body, `the server answered ${response.status}`));
+      }
+      const page = await readJson(response);
+      const seen = new Set();
+      for (const run of page.items || []) {
+        seen.add(run.id);
+        applyRun(run, "list");
+      }
+      // Runs that fell off the first page stay only while they are selected or active.
+      for (const [id, run] of state.runs) {
+        if (!seen.has(id) && id !== state.selected && !isActive(run) && state.runs.size > LIST_LIMIT) {
+          state.runs.delete(id);
+        }
+      }
+      state.loaded = true;
+      renderList();
+      setConnection("live", `Live · updated ${new Date().toLocaleTimeString()}`);
+    } catch (err) {
+      setConnection("offline", "Cannot reach the server · retrying");
+    }
+    const unstreamed = [...state.runs.values()].some((run) => isActive(run) && !state.streams.has(run.id));
+    refreshTimer = setTimeout(refreshList, unstreamed ? FAST_REFRESH_MS : REFRESH_MS);
+  }
+
+  // -- start -----------------------------------------------------------------------
+
+  function init() {
+    memoryToken = getToken();
+    $('[data-testid="start-form"]').addEventListener("submit", startRun);
+    $(".banner-close").addEventListener("click", hideError);
+    $('[data-testid="params-input"]').addEventListener("keydown", (event) => {
+      if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        $('[data-testid="start-form"]').requestSubmit();
+      }
+    });
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && state.selected !== null && !event.target.closest("form")) select(state.selected);
+    });
+    setInterval(tick, 1000);
+    refreshList();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+})();

@@ -1,0 +1,326 @@
+"""The dashboard in a real headless Chromium, against a real uvicorn in this process.
+
+Chromium is Debian's (``/usr/bin/chromium``); Playwright drives it and never
+downloads a browser. The tests are skipped when that binary is missing. They
+run on SQLite only: what they prove is the page's, and the API's behaviour on
+PostgreSQL is covered by the API tests.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
+from sqlalchemy.engine import Connection
+
+from pipeline.api import create_app
+from pipeline.config import Settings
+from pipeline.orchestrator import Phase, RunContext
+
+from .conftest import wait_for
+from .live_server import LiveServer
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TOKEN = secrets.token_urlsafe(16)
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium")
+expect.set_options(timeout=15_000)
+
+
+# -- registries ------------------------------------------------------------------
+
+
+def stepping(steps: int = 10) -> Callable[[Connection, RunContext], None]:
+    """A phase of ``steps`` visible steps; params may shorten them or fail a phase."""
+
+    def run(conn: Connection, ctx: RunContext) -> None:
+        pause = float(ctx.params.get("step_seconds", 0.08))
+        for i in range(1, steps + 1):
+            time.sleep(pause)
+            ctx.progress(i, steps)
+            if ctx.params.get("fail_in") == ctx.phase_num and i == steps // 2:
+                raise RuntimeError("the comments API answered 503 three times in a row")
+        if ctx.phase_num == 2:
+            ctx.warn("2 comments were deleted before they could be analyzed")
+
+    return run
+
+
+STEPPING: list[Phase] = [
+    (1, "Fetching Reddit", stepping()),
+    (2, "Analyzing comments", stepping()),
+    (3, "Writing the report", stepping()),
+]
+
+
+def slow_phase(conn: Connection, ctx: RunContext) -> None:
+    """Waits for a cancel (gives up after 20 s so a failed test cannot hang)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        ctx.raise_if_cancelled()
+        ctx.progress(int(20 - (deadline - time.monotonic())), 20)
+        time.sleep(0.05)
+
+
+SLOW: list[Phase] = [(1, "Waiting for a slow source", slow_phase), (2, "Analyzing", stepping())]
+
+
+# -- fixtures ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def start_server(sqlite_url: str) -> Iterator[Callable[..., LiveServer]]:
+    """Start the whole app (API, runner, dashboard) with a registry of the test's own."""
+    servers: list[LiveServer] = []
+
+    def start(registry: list[Phase], api_token: str | None = None) -> LiveServer:
+        settings = Settings(database_url=sqlite_url, api_token=api_token, max_concurrent_runs=4)
+        server = LiveServer(create_app(settings, registry=registry)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def page(browser: Browser, start_server: Callable[..., LiveServer]) -> Iterator[Page]:
+    """A fresh browser context; closed before the server stops, and no script error allowed."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    script_errors: list[str] = []
+    page.on("pageerror", lambda error: script_errors.append(str(error)))
+    yield page
+    context.close()
+    assert script_errors == [], f"JavaScript errors on the page: {script_errors}"
+
+
+def api(server: LiveServer, token: str | None = None) -> httpx2.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx2.Client(base_url=server.url, headers=headers, timeout=10)
+
+
+def run_status(server: LiveServer, run_id: int, token: str | None = None) -> str:
+    with api(server, token) as client:
+        status: str = client.get(f"/runs/{run_id}").json()["status"]
+        return status
+
+
+def newest_run_id(page: Page) -> int:
+    row = page.locator('[data-testid^="run-row-"]').first
+    expect(row).to_be_visible()
+    return int(row.get_attribute("data-run-id") or 0)
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_start_a_run_and_watch_it_complete_live(start_server, page):
+    """A run started from the form shows moving progress and ends completed, without a reload."""
+    server = start_server(STEPPING)
+    with api(server) as client:
+        failed = client.post("/runs", json={"params": {"step_seconds": 0.01, "fail_in": 2}})
+    failed_id = failed.json()["id"]
+    wait_for(lambda: run_status(server, failed_id) == "failed")
+
+    page.goto(server.url + "/")
+    page.evaluate("window.__marker = 'no reload'")
+    expect(page.get_by_test_id(f"run-status-{failed_id}")).to_have_text("failed")
+    expect(page.get_by_test_id(f"run-error-{failed_id}")).to_contain_text("answered 503")
+    expect(page.get_by_test_id(f"resume-{failed_id}")).to_be_visible()
+
+    page.get_by_test_id("params-input").fill('{"subreddit": "python", "limit": 200}')
+    page.get_by_test_id("start-button").click()
+    run_id = failed_id + 1
+    progress = page.get_by_test_id(f"run-progress-{run_id}")
+    expect(progress).to_be_visible()
+
+    # Some moment in the middle: above 0, below 100, with the phase's own sub-progress.
+    midway = page.wait_for_function(
+        """(id) => {
+            const bar = document.querySelector(`[data-testid="run-progress-${id}"]`);
+            const sub = document.querySelector(`[data-testid="run-subprogress-${id}"]`);
+            const p = Number(bar && bar.dataset.percent);
+            return p > 0 && p < 100 && sub && !sub.hidden
+                ? {percent: p, now: bar.getAttribute("aria-valuenow")} : null;
+        }""",
+        arg=run_id,
+    ).json_value()
+    assert 0 < midway["percent"] < 100
+    assert float(midway["now"]) == midway["percent"]
+    expect(page.get_by_test_id(f"run-phase-{run_id}")).to_contain_text("phase ")
+
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("completed")
+    expect(progress).to_have_attribute("data-percent", "100")
+    expect(progress).to_have_attribute("aria-valuenow", "100")
+    expect(page.get_by_test_id(f"run-subprogress-{run_id}")).to_be_hidden()
+    expect(page.get_by_test_id(f"run-warnings-{run_id}")).to_have_text("1 warning")
+    assert page.evaluate("window.__marker") == "no reload"
+
+    # The new run's details are open: its phases, warning and params.
+    details = page.get_by_test_id("run-details")
+    expect(details.get_by_test_id("details-title")).to_have_text(f"Run #{run_id}")
+    for num in (1, 2, 3):
+        expect(details.get_by_test_id(f"phase-{num}")).to_have_attribute("data-status", "completed")
+    expect(details.get_by_test_id("details-warnings")).to_contain_text("phase 2")
+    params = json.loads(details.get_by_test_id("details-params").inner_text())
+    assert params == {"subreddit": "python", "limit": 200}
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+
+def test_cancel_a_slow_run_from_the_page(start_server, page):
+    """The Cancel button stops a running run: its status becomes cancelled and Resume appears."""
+    server = start_server(SLOW)
+    page.goto(server.url + "/")
+    page.get_by_test_id("start-button").click()
+    run_id = newest_run_id(page)
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("running")
+
+    page.get_by_test_id(f"cancel-{run_id}").click()
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("cancelled")
+    expect(page.get_by_test_id(f"cancel-{run_id}")).to_be_hidden()
+    expect(page.get_by_test_id(f"resume-{run_id}")).to_be_visible()
+    assert run_status(server, run_id) == "cancelled"
+
+    # Resume brings it back to life on the page (a new event stream), and it can be cancelled again.
+    page.get_by_test_id(f"resume-{run_id}").click()
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("running")
+    page.get_by_test_id(f"cancel-{run_id}").click()
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("cancelled")
+
+
+def test_a_conflict_is_shown_readably(start_server, page):
+    """A Resume that the server refuses with 409 (resumed elsewhere meanwhile) shows its detail."""
+    server = start_server(SLOW)
+    with api(server) as client:
+        run_id = client.post("/runs", json={}).json()["id"]
+        wait_for(lambda: run_status(server, run_id) == "running")
+        client.post(f"/runs/{run_id}/cancel")
+        wait_for(lambda: run_status(server, run_id) == "cancelled")
+    page.goto(server.url + "/")
+
+    def resumed_elsewhere_first(route: Route) -> None:
+        with api(server) as client:
+            assert client.post(f"/runs/{run_id}/resume").status_code == 202
+        route.continue_()
+
+    page.route(f"**/runs/{run_id}/resume", resumed_elsewhere_first)
+    page.get_by_test_id(f"resume-{run_id}").click()
+    banner = page.get_by_test_id("error-banner")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text(f"Could not resume run #{run_id}")
+    expect(banner).to_contain_text("only failed or cancelled runs resume")
+    # The page catches up with what really happened: the run is active again.
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("running")
+    page.get_by_test_id(f"cancel-{run_id}").click()
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("cancelled")
+
+
+def test_invalid_params_are_refused_in_the_browser(start_server, page):
+    """Params that are not JSON, or not an object, get a readable error and no request at all."""
+    server = start_server(STEPPING)
+    posts: list[str] = []
+    page.on(
+        "request", lambda request: posts.append(request.url) if request.method == "POST" else None
+    )
+    page.goto(server.url + "/")
+    expect(page.get_by_test_id("runs-empty")).to_be_visible()
+    error = page.get_by_test_id("params-error")
+
+    page.get_by_test_id("params-input").fill('{"subreddit": python}')
+    page.get_by_test_id("start-button").click()
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("not valid JSON")
+
+    page.get_by_test_id("params-input").fill("[1, 2]")
+    page.get_by_test_id("start-button").click()
+    expect(error).to_contain_text("must be a JSON object")
+    expect(error).to_contain_text("not a list")
+
+    assert posts == []
+    with api(server) as client:
+        assert client.get("/runs").json()["items"] == []
+    expect(page.locator('[data-testid^="run-row-"]')).to_have_count(0)
+
+
+def test_server_rejection_is_shown_readably(start_server, page):
+    """Params the browser accepts but the server refuses (too deep) show the server's detail."""
+    server = start_server(STEPPING)
+    page.goto(server.url + "/")
+    deep: dict[str, Any] = {}
+    for _ in range(40):
+        deep = {"a": deep}
+    page.get_by_test_id("params-input").fill(json.dumps(deep))
+    page.get_by_test_id("start-button").click()
+    error = page.get_by_test_id("params-error")
+    expect(error).to_contain_text("The server rejected the parameters")
+    expect(error).to_contain_text("nested deeper than 32")
+    with api(server) as client:
+        assert client.get("/runs").json()["items"] == []
+
+
+def test_token_is_asked_for_once_then_sent_everywhere(start_server, page):
+    """With an API token, the page asks for it, refuses a wrong one, then lists and starts runs."""
+    server = start_server(STEPPING, api_token=TOKEN)
+    with api(server, TOKEN) as client:
+        seeded = client.post("/runs", json={"params": {"step_seconds": 0.01}}).json()["id"]
+    wait_for(lambda: run_status(server, seeded, TOKEN) == "completed")
+    requests: list[Request] = []
+    page.on("request", lambda request: requests.append(request))
+
+    page.goto(server.url + "/")
+    form = page.get_by_test_id("token-form")
+    expect(form).to_be_visible()
+    expect(page.locator('[data-testid^="run-row-"]')).to_have_count(0)
+
+    page.get_by_test_id("token-input").fill("wrong")
+    page.get_by_test_id("token-submit").click()
+    expect(page.get_by_test_id("token-error")).to_contain_text("not accepted")
+    expect(form).to_be_visible()
+
+    page.get_by_test_id("token-input").fill(TOKEN)
+    page.get_by_test_id("token-submit").click()
+    expect(form).to_be_hidden()
+    expect(page.get_by_test_id(f"run-status-{seeded}")).to_have_text("completed")
+    assert page.evaluate("sessionStorage.getItem('pipeline.apiToken')") == TOKEN
+
+    page.get_by_test_id("params-input").fill('{"step_seconds": 0.02}')
+    page.get_by_test_id("start-button").click()
+    started = seeded + 1
+    expect(page.get_by_test_id(f"run-status-{started}")).to_have_text("completed")
+    expect(form).to_be_hidden()
+
+    streams = [r for r in requests if r.url.endswith(f"/runs/{started}/events")]
+    assert streams, "the page never opened the run's event stream"
+    assert all(r.all_headers().get("authorization") == f"Bearer {TOKEN}" for r in streams)
