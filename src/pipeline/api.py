@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -18,14 +19,17 @@ from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from pipeline import db
 from pipeline.config import Settings, get_settings
+from pipeline.metrics import Metrics
 from pipeline.orchestrator import Registry
 from pipeline.runs import Outcome, Run, RunStatus
 from pipeline.service import Service
@@ -100,27 +104,46 @@ class ErrorOut(BaseModel):
 # -- errors -----------------------------------------------------------------------
 
 
-class _TranslatingRoute(APIRoute):
-    """A locked database becomes a 503 with Retry-After, for every route of the router.
+def _route_class(metrics: Metrics) -> type[APIRoute]:
+    """Routes that time themselves and turn a locked database into a 503.
 
-    Done in the route class (not an app exception handler) so that it holds in
-    a host application that includes the router too.
+    Done in the route class (not app middleware or an exception handler) so
+    that both hold when a host application includes the router.
     """
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
+    class Route(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+            template = self.path_format
 
-        async def handle(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except db.DatabaseBusy as exc:
-                return JSONResponse(
-                    {"detail": str(exc)},
-                    status_code=503,
-                    headers={"Retry-After": RETRY_AFTER_SECONDS},
-                )
+            async def handle(request: Request) -> Response:
+                started = time.perf_counter()
+                status = 500
+                try:
+                    response = await handler(request)
+                    status = response.status_code
+                    return response
+                except HTTPException as exc:
+                    status = exc.status_code
+                    raise
+                except RequestValidationError:
+                    status = 422
+                    raise
+                except db.DatabaseBusy as exc:
+                    status = 503
+                    return JSONResponse(
+                        {"detail": str(exc)},
+                        status_code=503,
+                        headers={"Retry-After": RETRY_AFTER_SECONDS},
+                    )
+                finally:
+                    elapsed = time.perf_counter() - started
+                    labels = (request.method, template, str(status))
+                    metrics.http_duration.labels(*labels).observe(elapsed)
 
-        return handle
+            return handle
+
+    return Route
 
 
 def _not_found(run_id: int) -> HTTPException:
@@ -216,7 +239,7 @@ def _require_token(token: str | None) -> Callable[[Request], None]:
 def create_router(service: Service) -> APIRouter:
     """The runs API, bound to one service (database, registry, executor)."""
     router = APIRouter(
-        route_class=_TranslatingRoute,
+        route_class=_route_class(service.metrics),
         dependencies=[Depends(_require_token(service.settings.api_token))],
         responses={503: {"model": ErrorOut, "description": "database busy; retry later"}},
     )
@@ -284,6 +307,15 @@ def create_router(service: Service) -> APIRouter:
         """Queue a failed or cancelled run again, from its first phase not completed."""
         outcome, run = service.resume(run_id)
         return act(outcome, run, run_id, "only failed or cancelled runs can resume")
+
+    @router.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    )
+    def metrics() -> Response:
+        """Prometheus metrics of this process (and run counts from the database)."""
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get(
         "/runs/{run_id}/events",

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from pipeline import db, runs
 from pipeline.config import Settings, get_settings
+from pipeline.logs import configure_logging
 from pipeline.orchestrator import Executor, RegistryError, load_registry
 from pipeline.runs import RunStatus
 
@@ -192,7 +193,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     _engine(settings).dispose()  # a clear error now, rather than a failed startup later
     app = create_app(settings)
-    config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="on")
+    # In JSON mode uvicorn's records go through our root handler, like every other.
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, lifespan="on", log_config=log_config
+    )
     server = GracefulServer(config)
     console.print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops, runs finish first)")
     server.run()
@@ -259,6 +264,22 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from pipeline import retention
+
+    try:
+        older_than = retention.parse_duration(args.older_than)
+    except ValueError as exc:
+        raise UsageError(f"--older-than: {exc}") from None
+    statuses = [RunStatus(s) for s in args.status] if args.status else list(retention.FINISHED)
+    engine = _engine(settings)
+    count = retention.prune(engine, older_than=older_than, statuses=statuses, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(count)
+    console.print(f"{verb} {count} finished run(s) older than {args.older_than}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -284,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="runs executing at once in this worker (default PIPELINE_MAX_CONCURRENT_RUNS)",
     )
+    prune = sub.add_parser("prune", help="delete finished runs older than a duration")
+    prune.add_argument("--older-than", required=True, help="e.g. 30d, 12h, 90m, 1d12h")
+    prune.add_argument(
+        "--status",
+        action="append",
+        choices=["completed", "failed", "cancelled"],
+        help="only runs that ended so (repeatable; default: all three)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     listing = sub.add_parser("list", help="a table of recent runs")
     listing.add_argument("--status", choices=[s.value for s in RunStatus])
     listing.add_argument("--limit", type=int, default=20, choices=range(1, 501), metavar="1-500")
@@ -295,6 +325,7 @@ COMMANDS = {
     "run": cmd_run,
     "serve": cmd_serve,
     "worker": cmd_worker,
+    "prune": cmd_prune,
     "status": cmd_status,
     "list": cmd_list,
 }
@@ -302,20 +333,18 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # a bad PIPELINE_* value
+        console.print(f"[red]error: bad configuration:[/] {exc}")
+        return 64
+    configure_logging(settings.log_format, logging.DEBUG if args.verbose else logging.INFO)
     if args.command != "migrate":  # schema checks would log Alembic's chatter
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        settings = get_settings()
         return COMMANDS[args.command](settings, args)
     except (UsageError, RegistryError, db.SchemaNotCurrent, db.DatabaseBusy) as exc:
         console.print(f"[red]error:[/] {exc}")
-        return 64
-    except ValidationError as exc:  # a bad PIPELINE_* value
-        console.print(f"[red]error: bad configuration:[/] {exc}")
         return 64
 
 

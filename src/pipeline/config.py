@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./pipeline.db"
@@ -39,6 +39,22 @@ class Settings(BaseSettings):
     auto_resume: bool = False
     # How often an idle server or worker looks for queued runs.
     poll_seconds: float = Field(default=1.0, gt=0)
+    # Delete finished runs older than this (e.g. "30d"); unset keeps them forever.
+    retention: str | None = None
+    # How often a server prunes, when retention is set.
+    prune_seconds: float = Field(default=600.0, gt=0)
+    # "text" for people, "json" for log collectors (one object per line).
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("retention")
+    @classmethod
+    def _valid_retention(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            from pipeline.retention import parse_duration
+
+            parse_duration(value)
+            return value
+        return None
 
 
 def get_settings() -> Settings:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import db, runs
+from pipeline.metrics import Metrics
 from pipeline.runs import RunStatus
 
 log = logging.getLogger("pipeline.orchestrator")
@@ -341,8 +342,10 @@ class Executor:
         max_concurrent: int = 4,
         heartbeat_seconds: float = 1.0,
         busy_timeout_ms: int = 5000,
+        metrics: Metrics | None = None,
     ) -> None:
         self.url = url
+        self.metrics = metrics or Metrics()
         self.registry = validate_registry(registry)
         self.max_concurrent = max_concurrent
         self.heartbeat_seconds = heartbeat_seconds
@@ -475,14 +478,14 @@ class Executor:
         with self._lock:
             self._active[claimed.run_id] = (ctx, owner)
         self._ensure_heartbeat()
+        started = time.monotonic()
+        status: RunStatus | None = None
         try:
             for index in range(claimed.first_phase - 1, len(self.registry)):
                 num, label, fn = self.registry[index]
                 following = self.registry[index + 1] if index + 1 < len(self.registry) else None
                 ctx._enter_phase(num, label)
                 status = self._attempt_phase(conn, ctx, fn, owner, following)
-                if status is None:
-                    return
                 if status is RunStatus.COMPLETED:
                     ctx.logger.info("run completed")
                 if status is RunStatus.CANCELLED:
@@ -492,6 +495,9 @@ class Executor:
         finally:
             with self._lock:
                 self._active.pop(claimed.run_id, None)
+            if status is not None and status.terminal:
+                self.metrics.runs_finished.labels(status.value).inc()
+                self.metrics.run_duration.labels(status.value).observe(time.monotonic() - started)
 
     def _attempt_phase(
         self,
@@ -501,24 +507,32 @@ class Executor:
         owner: str,
         following: Phase | None,
     ) -> RunStatus | None:
-        """Run the phase, again after a retryable failure; None once the run has ended."""
+        """Run the phase, again after a retryable failure.
+
+        Returns the run's status after it: running (next phase), completed,
+        cancelled or failed; None when the run is not ours any more.
+        """
         policy = retry_policy(fn)
         attempt = 1
         while True:
+            attempt_started = time.monotonic()
             try:
-                return self._run_phase(conn, ctx, fn, owner, following)
+                status = self._run_phase(conn, ctx, fn, owner, following)
             except BaseException as exc:
                 delay = self._retry_delay(policy, exc, attempt)
                 if delay is None:
-                    self._record_end(conn, ctx, owner, exc)
-                    return None
+                    return self._record_end(conn, ctx, owner, exc)
                 ctx.warn(
                     f"attempt {attempt} of phase {ctx.phase_num} failed "
                     f"({type(exc).__name__}: {exc}); retrying in {delay:.1f}s"
                 )
+            else:
+                elapsed = time.monotonic() - attempt_started
+                self.metrics.phase_duration.labels(ctx.phase_label).observe(elapsed)
+                return status
+            self.metrics.phase_retries.labels(ctx.phase_label).inc()
             if ctx._cancel.wait(delay):
-                self._record_end(conn, ctx, owner, RunCancelled("cancelled"))
-                return None
+                return self._record_end(conn, ctx, owner, RunCancelled("cancelled"))
             attempt += 1
             if not self._record_retry(conn, ctx, owner):
                 return None
@@ -578,11 +592,14 @@ class Executor:
 
     def _record_end(
         self, conn: Connection, ctx: RunContext, owner: str, exc: BaseException
-    ) -> None:
-        """After the phase rolled back: mark the run failed (or cancelled), never raise."""
+    ) -> RunStatus | None:
+        """After the phase rolled back: mark the run failed (or cancelled), never raise.
+
+        Returns the status recorded, or None if the run was not ours any more.
+        """
         if isinstance(exc, runs.RunLost):
             ctx.logger.error("run was taken from this runner (swept as interrupted); stopping")
-            return
+            return None
         if isinstance(exc, RunCancelled):
             status, message = RunStatus.CANCELLED, None
             ctx.logger.info(
@@ -609,13 +626,15 @@ class Executor:
                         warnings=ctx._phase_warnings(),
                     )
 
-            if not _retry_on_lock(write, what=f"record the end of run {ctx.run_id}"):
-                ctx.logger.error("run was no longer owned by this runner; its end was not recorded")
+            if _retry_on_lock(write, what=f"record the end of run {ctx.run_id}"):
+                return status
+            ctx.logger.error("run was no longer owned by this runner; its end was not recorded")
         except BaseException:
             ctx.logger.exception("could not record the end of the run")
         finally:
             if fresh:
                 own.close()
+        return None
 
     # -- in-process views --
 
@@ -704,7 +723,7 @@ class Executor:
         swept = _retry_on_lock(write, what="sweep interrupted runs")
         outcome = "queued again" if requeue else "marked failed"
         for run_id in swept:
-            log.warning("run %s lost its runner; %s", run_id, outcome)
+            log.warning("run %s lost its runner; %s", run_id, outcome, extra={"run_id": run_id})
         if swept and requeue:
             self.wake()
         return swept

@@ -338,6 +338,41 @@ def resume(conn: Connection, *, run_id: int) -> Outcome:
     return Outcome.DONE
 
 
+def _finished_before(cutoff: dt.datetime, statuses: Sequence[RunStatus]) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        runs_t.c.status.in_([s.value for s in statuses if s.terminal]),
+        runs_t.c.completed_at < cutoff,
+    )
+
+
+def count_finished_before(
+    conn: Connection, *, cutoff: dt.datetime, statuses: Sequence[RunStatus]
+) -> int:
+    query = sa.select(sa.func.count()).select_from(runs_t).where(_finished_before(cutoff, statuses))
+    return int(conn.execute(query).scalar_one())
+
+
+def delete_finished_before(
+    conn: Connection, *, cutoff: dt.datetime, statuses: Sequence[RunStatus], limit: int
+) -> int:
+    """Delete up to ``limit`` finished runs (oldest ids first); their rows cascade."""
+    ids = (
+        conn.execute(
+            sa.select(runs_t.c.id)
+            .where(_finished_before(cutoff, statuses))
+            .order_by(runs_t.c.id)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    if ids:
+        conn.execute(
+            sa.delete(runs_t).where(runs_t.c.id.in_(ids), _finished_before(cutoff, statuses))
+        )
+    return len(ids)
+
+
 # -- what the runner does -----------------------------------------------------
 
 

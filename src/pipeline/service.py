@@ -15,8 +15,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import db, runs
+from pipeline import db, retention, runs
 from pipeline.config import Settings
+from pipeline.metrics import Metrics
 from pipeline.orchestrator import Executor, Registry, load_registry
 from pipeline.runs import Outcome, Run, RunStatus
 from pipeline.schema import analysis_runs
@@ -46,12 +47,15 @@ class Service:
         self.engine: Engine = db.create_engine(
             settings.database_url, busy_timeout_ms=settings.busy_timeout_ms
         )
+        self.metrics = Metrics()
+        self.metrics.watch_database(self._count_by_status)
         self.executor = Executor(
             settings.database_url,
             self.registry,
             max_concurrent=concurrency or settings.max_concurrent_runs,
             heartbeat_seconds=settings.heartbeat_seconds,
             busy_timeout_ms=settings.busy_timeout_ms,
+            metrics=self.metrics,
         )
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
@@ -106,12 +110,19 @@ class Service:
         """
         poll = self.settings.poll_seconds
         since_sweep = 0.0
+        since_prune = self.settings.prune_seconds  # prune soon after start
         while not self._stop.wait(poll):
             try:
                 since_sweep += poll
+                since_prune += poll
                 if since_sweep >= self.settings.sweep_seconds:
                     since_sweep = 0.0
                     self.sweep()
+                if self.settings.retention and since_prune >= self.settings.prune_seconds:
+                    since_prune = 0.0
+                    retention.prune(
+                        self.engine, older_than=retention.parse_duration(self.settings.retention)
+                    )
                 if self.execute and self._queue_waiting():
                     self.executor.wake()
             except Exception:
@@ -134,6 +145,7 @@ class Service:
     def create_run(self, params: Mapping[str, Any]) -> Run:
         with db.write(self.engine) as conn:
             run_id = runs.create_run(conn, params=params)
+        self.metrics.runs_created.inc()
         if self.execute:
             self.executor.wake()
         run = self.get_run(run_id)
@@ -168,6 +180,10 @@ class Service:
         if outcome is Outcome.DONE and self.execute:
             self.executor.wake()
         return outcome, self.get_run(run_id)
+
+    def _count_by_status(self) -> dict[str, int]:
+        with db.read(self.engine) as conn:
+            return {status.value: n for status, n in runs.count_by_status(conn).items()}
 
     def health(self) -> str | None:
         """None when healthy, else the reason (no paths, no SQL)."""
