@@ -77,12 +77,11 @@ def test_metrics_move_as_runs_complete(db_url):
         ok = client.post("/runs", json={}, headers=auth).json()["id"]
         bad = client.post("/runs", json={"params": {"fail": True}}, headers=auth).json()["id"]
 
-        def finished(run_id):
-            status = client.get(f"/runs/{run_id}", headers=auth).json()["status"]
-            return status in ("completed", "failed")
+        def both_finished() -> bool:
+            found = [client.get(f"/runs/{r}", headers=auth).json()["status"] for r in (ok, bad)]
+            return found == ["completed", "failed"]
 
-        for run_id in (ok, bad):
-            wait_for(lambda run_id=run_id: finished(run_id))
+        wait_for(both_finished)
         after = client.get("/metrics", headers=auth)
     assert after.headers["content-type"].startswith("text/plain")
     text = after.text
