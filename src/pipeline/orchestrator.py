@@ -425,9 +425,11 @@ class Executor:
         thread = threading.current_thread()
         base_name = thread.name
         counted = reserved is None
-        engine = db.create_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
-        conn = engine.connect()
+        engine: Engine | None = None
+        conn: Connection | None = None
         try:
+            engine = db.create_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
+            conn = engine.connect()
             if reserved is not None:
                 self._claim_and_execute(conn, run_id=reserved[0], owner=reserved[1])
                 return
@@ -448,8 +450,10 @@ class Executor:
                 if counted:
                     self._runners -= 1
                 self._threads.discard(thread)
-            conn.close()
-            engine.dispose()
+            if conn is not None:
+                conn.close()
+            if engine is not None:
+                engine.dispose()
 
     def _claim_and_execute(
         self, conn: Connection, *, owner: str | None, run_id: int | None = None
