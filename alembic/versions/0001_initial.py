@@ -16,6 +16,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 TS = sa.DateTime(timezone=True)
+# 64-bit ids on PostgreSQL; SQLite's INTEGER PRIMARY KEY is 64-bit already.
+ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 RUN_STATUS = "status IN ('queued', 'running', 'completed', 'failed', 'cancelled')"
 PHASE_STATUS = "status IN ('pending', 'running', 'completed', 'failed', 'cancelled')"
 
@@ -23,7 +25,7 @@ PHASE_STATUS = "status IN ('pending', 'running', 'completed', 'failed', 'cancell
 def _run_fk() -> sa.Column:  # type: ignore[type-arg]
     return sa.Column(
         "run_id",
-        sa.Integer,
+        ID,
         sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
         primary_key=True,
     )
@@ -32,7 +34,7 @@ def _run_fk() -> sa.Column:  # type: ignore[type-arg]
 def upgrade() -> None:
     op.create_table(
         "analysis_runs",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("params", sa.JSON, nullable=False),
         sa.Column("current_phase", sa.Integer),
@@ -64,10 +66,10 @@ def upgrade() -> None:
     )
     op.create_table(
         "run_warnings",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("id", ID, primary_key=True, autoincrement=True),
         sa.Column(
             "run_id",
-            sa.Integer,
+            ID,
             sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
             nullable=False,
         ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -179,6 +180,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: valid JSON syntax, but no JSON can say it back
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _depth(value: Any) -> int:
     """Nesting depth, iteratively (a deep document must not exhaust the stack)."""
     deepest, stack = 0, [(value, 1)]
@@ -198,9 +206,9 @@ def parse_create_body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        payload = json.loads(raw, parse_constant=_reject_constant)
+        payload = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise _bad_body("the body is not valid JSON") from None
+        raise _bad_body("the body is not valid JSON (numbers must be finite)") from None
     if not isinstance(payload, dict):
         raise _bad_body('the body must be a JSON object, like {"params": {}}')
     unknown = sorted(set(payload) - {"params"})
@@ -213,6 +221,10 @@ def parse_create_body(raw: bytes) -> dict[str, Any]:
         raise _bad_body("'params' must be a JSON object (or null)")
     if _depth(params) > MAX_DEPTH:
         raise _bad_body(f"'params' is nested deeper than {MAX_DEPTH} levels")
+    try:  # a lone surrogate (\ud800) parses, but cannot be stored or sent back as UTF-8
+        json.dumps(params, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad_body("'params' contains text that is not valid Unicode") from None
     return params
 
 

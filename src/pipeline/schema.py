@@ -45,6 +45,11 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         return stamp.astimezone(dt.UTC)
 
 
+# Run ids are 64-bit on PostgreSQL (clients may send any id up to 2**63-1);
+# SQLite's INTEGER PRIMARY KEY is already 64-bit and must be spelled INTEGER.
+RunId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
@@ -52,7 +57,7 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 analysis_runs = sa.Table(
     "analysis_runs",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", RunId, primary_key=True, autoincrement=True),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("params", sa.JSON, nullable=False),
     sa.Column("current_phase", sa.Integer),
@@ -79,7 +84,7 @@ run_phases = sa.Table(
     metadata,
     sa.Column(
         "run_id",
-        sa.Integer,
+        RunId,
         sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
         primary_key=True,
     ),
@@ -95,10 +100,10 @@ run_phases = sa.Table(
 run_warnings = sa.Table(
     "run_warnings",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("id", RunId, primary_key=True, autoincrement=True),
     sa.Column(
         "run_id",
-        sa.Integer,
+        RunId,
         sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
         nullable=False,
     ),
@@ -115,7 +120,7 @@ run_warnings = sa.Table(
 def _run_fk() -> sa.Column[int]:
     return sa.Column(
         "run_id",
-        sa.Integer,
+        RunId,
         sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
         primary_key=True,
     )
