@@ -671,13 +671,13 @@ class Executor:
     def _heartbeat_loop(self) -> None:
         """Write heartbeats and throttled sub-progress; never on a phase's thread.
 
-        It gives up at once when SQLite's lock is busy (a phase is writing):
-        the next tick writes instead, and the API of this process reads the
-        in-memory progress meanwhile.
+        One write per run per ``heartbeat_seconds``, whatever the phase's
+        progress() call rate; its answer carries cancel requests made by other
+        processes to the phases here. It gives up at once when SQLite's lock
+        is busy (a phase is writing): the next tick writes instead, and the API
+        of this process reads the in-memory progress meanwhile.
         """
         engine = db.create_engine(self.url, busy_timeout_ms=0)
-        written: dict[int, tuple[int, int | None, int | None]] = {}
-        last_beat = 0.0
         try:
             while not self._beat_wake.wait(self.heartbeat_seconds):
                 with self._lock:
@@ -685,16 +685,10 @@ class Executor:
                     if not active:
                         self._beat_thread = None
                         return
-                for gone in written.keys() - active.keys():
-                    del written[gone]
-                due = time.monotonic() - last_beat >= 5 * self.heartbeat_seconds
                 beats = [
                     runs.Beat(run_id, owner, *ctx._progress)
                     for run_id, (ctx, owner) in active.items()
-                    if due or written.get(run_id) != ctx._progress
                 ]
-                if not beats:
-                    continue
                 try:
                     with db.write(engine) as conn:
                         answer = runs.heartbeat(conn, beats=beats)
@@ -703,9 +697,6 @@ class Executor:
                 except Exception:
                     log.exception("heartbeat failed; will try again")
                     continue
-                last_beat = time.monotonic() if due else last_beat
-                for beat in beats:
-                    written[beat.run_id] = (beat.phase_num, beat.current, beat.total)
                 for run_id, cancel in answer.items():
                     if cancel:
                         active[run_id][0]._cancel.set()

@@ -421,6 +421,11 @@ def claim(
             sa.select(phases_t.c.phase_num, phases_t.c.status).where(phases_t.c.run_id == row.id)
         )
     }
+    stale = [num for num in known if num > len(phases)]
+    if stale:  # the registry lost phases since this run last ran: they mean nothing now
+        conn.execute(
+            sa.delete(phases_t).where(phases_t.c.run_id == row.id, phases_t.c.phase_num.in_(stale))
+        )
     missing = [(num, label) for num, label in phases if num not in known]
     if missing:
         conn.execute(
