@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import ClientDisconnect
 
 from pipeline import db
 from pipeline.config import Settings, get_settings
@@ -270,7 +271,11 @@ def create_router(service: Service) -> APIRouter:
     )
     async def create_run(request: Request, response: Response) -> dict[str, Any]:
         """Queue a run; it starts as soon as a slot is free."""
-        params = parse_create_body(await request.body())
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing done
+            raise HTTPException(400, "the request body was not received") from None
+        params = parse_create_body(raw)
         run = await anyio.to_thread.run_sync(service.create_run, params)
         response.headers["Location"] = request.url_for("get_run", run_id=run.id).path
         return run.to_dict()
@@ -357,7 +362,9 @@ async def _run_events(
         if data != last:
             yield ServerSentEvent(data=data, event="run")
             last = data
-        if run.status.terminal or await request.is_disconnected():
+        # A stopping server ends its streams so that it can drain; clients
+        # reconnect to the next server (the dashboard does).
+        if run.status.terminal or service.stopping or await request.is_disconnected():
             return
         await asyncio.sleep(EVENTS_POLL_SECONDS)
         try:

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -27,6 +27,7 @@ from pipeline.orchestrator import Executor, RegistryError, load_registry
 from pipeline.runs import RunStatus
 
 EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.FAILED: 1, RunStatus.CANCELLED: 2}
+GRACEFUL_HTTP_SECONDS = 10
 
 console = Console(stderr=True)
 
@@ -193,12 +194,20 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     _engine(settings).dispose()  # a clear error now, rather than a failed startup later
     app = create_app(settings)
+    service = app.state.service
     # In JSON mode uvicorn's records go through our root handler, like every other.
     log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, lifespan="on", log_config=log_config
+        app,
+        host=args.host,
+        port=args.port,
+        lifespan="on",
+        log_config=log_config,
+        # After a stop signal, open requests get this long to finish; event
+        # streams end by themselves (they watch the service's stop flag).
+        timeout_graceful_shutdown=GRACEFUL_HTTP_SECONDS,
     )
-    server = GracefulServer(config)
+    server = GracefulServer(config, on_stop=service.stop_claiming)
     console.print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops, runs finish first)")
     server.run()
     return 0 if server.started else 1
@@ -213,6 +222,10 @@ class GracefulServer(uvicorn.Server):
     lifespan waits for them); a second one exits at once with 128+signal,
     and the runs it leaves are swept as interrupted on the next start.
     """
+
+    def __init__(self, config: uvicorn.Config, *, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
 
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -230,6 +243,7 @@ class GracefulServer(uvicorn.Server):
             serve_log.warning("second signal: exiting now; unfinished runs will be swept later")
             os._exit(128 + sig)
         serve_log.info("stopping: no new requests; waiting for running runs to finish")
+        self._on_stop()  # before the HTTP drain: no queued run may start during it
         self.handle_exit(sig, frame)
 
 

@@ -723,9 +723,13 @@ class Executor:
             self.wake()
         return swept
 
+    def stop_claiming(self) -> None:
+        """No runner claims another run; the runs already running go on."""
+        self._stopping.set()
+
     def shutdown(self, *, wait: bool = True, timeout: float | None = None) -> bool:
         """Claim nothing new; with ``wait``, let running runs finish. True if all ended."""
-        self._stopping.set()
+        self.stop_claiming()
         if not wait:
             return not self._threads
         deadline = None if timeout is None else time.monotonic() + timeout

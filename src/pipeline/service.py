@@ -73,9 +73,22 @@ class Service:
         )
         self._housekeeper.start()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop_claiming(self) -> None:
+        """The first step of a graceful stop: start nothing new from now on.
+
+        Called from the signal handler, before the HTTP server drains its
+        connections, so no queued run starts during the drain.
+        """
+        self._stop.set()
+        self.executor.stop_claiming()
+
     def stop(self, *, wait: bool = True) -> None:
         """Claim nothing new; with ``wait``, let the running runs finish first."""
-        self._stop.set()
+        self.stop_claiming()
         if wait and self.executor.active_runs():
             log.info("waiting for %d running run(s) to finish", len(self.executor.active_runs()))
         self.executor.shutdown(wait=wait)
