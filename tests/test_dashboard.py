@@ -245,7 +245,7 @@ def test_a_conflict_is_shown_readably(start_server, page):
     banner = page.get_by_test_id("error-banner")
     expect(banner).to_be_visible()
     expect(banner).to_contain_text(f"Could not resume run #{run_id}")
-    expect(banner).to_contain_text("only failed or cancelled runs resume")
+    expect(banner).to_contain_text("only failed or cancelled runs can resume")
     # The page catches up with what really happened: the run is active again.
     expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("running")
     page.get_by_test_id(f"cancel-{run_id}").click()
