@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -196,3 +197,140 @@ def test_worker_stops_gracefully_on_sigterm(db_url, engine, workers):
     assert counts[RunStatus.COMPLETED] == 1
     assert counts[RunStatus.QUEUED] == 3
     assert counts[RunStatus.RUNNING] == 0
+
+
+def test_api_in_worker_mode_only_queues_and_workers_execute(db_url, engine, workers, tmp_path):
+    """PIPELINE_EXECUTOR=worker: the API queues; a worker runs, cancels and resumes the same."""
+    from fastapi.testclient import TestClient
+
+    from pipeline.api import create_app
+    from pipeline.config import Settings
+
+    create_ledger(engine)
+    settings = Settings(database_url=db_url, executor="worker", poll_seconds=0.05)
+    with TestClient(create_app(settings, registry=PHASES)) as client:
+        queued = client.post("/runs", json={"params": {"sleep": 0}}).json()["id"]
+        # no worker yet: the API process never starts it
+        with db.read(engine) as conn:
+            assert runs.get_status(conn, run_id=queued) is RunStatus.QUEUED
+        workers.start(1, concurrency=2)
+        wait_for(lambda: client.get(f"/runs/{queued}").json()["status"] == "completed", timeout=60)
+
+        slow = client.post("/runs", json={"params": {"sleep": 2.0}}).json()["id"]
+        wait_for(lambda: client.get(f"/runs/{slow}").json()["status"] == "running", timeout=30)
+        assert client.post(f"/runs/{slow}/cancel").status_code == 202
+        wait_for(lambda: client.get(f"/runs/{slow}").json()["status"] == "cancelled", timeout=30)
+        assert client.post(f"/runs/{slow}/resume").status_code == 202
+        wait_for(lambda: client.get(f"/runs/{slow}").json()["status"] == "completed", timeout=60)
+    assert workers.stop() == [0], workers.logs()
+    assert duplicates(engine) == []
+
+
+def _insert_running(engine, *, owner, heartbeat_age):
+    """A run that some runner claims to be executing, in phase 2 of 3."""
+    import datetime as dt
+
+    from pipeline.schema import analysis_runs, run_phases
+
+    now = runs.utcnow()
+    with db.write(engine) as conn:
+        run_id = runs.create_run(conn, params={})
+        conn.execute(
+            sa.update(analysis_runs)
+            .where(analysis_runs.c.id == run_id)
+            .values(
+                status="running",
+                started_at=now,
+                current_phase=2,
+                phase_label="Analyze",
+                progress_current=1,
+                progress_total=3,
+                owner=owner,
+                heartbeat_at=now - dt.timedelta(seconds=heartbeat_age),
+            )
+        )
+        conn.execute(
+            sa.insert(run_phases),
+            [
+                {
+                    "run_id": run_id,
+                    "phase_num": n,
+                    "label": label,
+                    "attempts": 1 if n < 3 else 0,
+                    "status": {1: "completed", 2: "running", 3: "pending"}[n],
+                }
+                for n, label, _ in PHASES
+            ],
+        )
+    return run_id
+
+
+@pytest.mark.parametrize("auto_resume", [False, True], ids=["fail", "requeue"])
+def test_run_of_a_silent_worker_on_another_host_is_taken_after_the_lease(
+    db_url, engine, auto_resume
+):
+    """Heartbeat older than the lease on another host: failed 'worker lost', or re-queued."""
+    from pipeline.config import Settings
+    from pipeline.service import Service
+
+    stale = _insert_running(engine, owner="elsewhere:4242:1:runner-1", heartbeat_age=120)
+    fresh = _insert_running(engine, owner="elsewhere:4243:1:runner-1", heartbeat_age=1)
+    settings = Settings(database_url=db_url, lease_seconds=60, auto_resume=auto_resume)
+    service = Service(settings, registry=PHASES, execute=False)
+    try:
+        assert service.sweep() == [stale]
+    finally:
+        service.stop()
+    with db.read(engine) as conn:
+        lost = runs.get_run(conn, run_id=stale)
+        alive = runs.get_run(conn, run_id=fresh)
+    assert lost is not None
+    assert alive is not None
+    assert alive.status is RunStatus.RUNNING
+    if auto_resume:
+        assert lost.status is RunStatus.QUEUED
+        assert [p.status for p in lost.phases] == ["completed", "pending", "pending"]
+        assert lost.warnings[-1].message.startswith("worker lost during phase 2 (Analyze)")
+    else:
+        assert lost.status is RunStatus.FAILED
+        assert lost.error_message == "worker lost during phase 2 (Analyze)"
+        assert [p.status for p in lost.phases] == ["completed", "failed", "pending"]
+
+
+def test_a_slow_worker_never_loses_its_run(db_url, engine, monkeypatch):
+    """A phase far longer than the lease keeps its run: the heartbeat thread never waits on it."""
+    from pipeline import orchestrator
+    from pipeline.config import Settings
+    from pipeline.orchestrator import Executor
+    from pipeline.service import Service
+
+    in_phase = threading.Event()
+    release = threading.Event()
+
+    def slow(conn, ctx):
+        in_phase.set()
+        assert release.wait(30)
+
+    executor = Executor(db_url, [(1, "Slow", slow)], heartbeat_seconds=0.05)
+    run_id, thread = executor.start_reserved({})
+    try:
+        assert in_phase.wait(10)
+        # Sweep as if from another machine, with a lease far shorter than the phase.
+        monkeypatch.setattr(orchestrator, "HOST", "another-machine")
+        sweeper = Service(
+            Settings(database_url=db_url, lease_seconds=0.5), registry=PHASES, execute=False
+        )
+        try:
+            deadline = time.monotonic() + 2.0  # four leases long
+            while time.monotonic() < deadline:
+                assert sweeper.sweep() == []
+                time.sleep(0.1)
+        finally:
+            sweeper.stop()
+        with db.read(engine) as conn:
+            assert runs.get_status(conn, run_id=run_id) is RunStatus.RUNNING
+    finally:
+        release.set()
+        thread.join(30)
+    with db.read(engine) as conn:
+        assert runs.get_status(conn, run_id=run_id) is RunStatus.COMPLETED
