@@ -1,0 +1,148 @@
+"""The floor: the orchestrator's durable writes, made with plain ``sqlite3``.
+
+The statements are the ones SQLAlchemy sends for ``runs.create_run``,
+``runs.claim`` and ``runs.finish_phase`` (traced with a
+``before_cursor_execute`` listener; :func:`bench.orchestration.trace_run`
+checks that the counts agree), with the same parameters, in the same
+transactions: ``BEGIN IMMEDIATE`` ... ``COMMIT``, one commit to create a run,
+one to claim it, one per phase. What it leaves out is everything that is not
+a durable write: SQLAlchemy, the write gate, logging, metrics, the run
+context, threads.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+
+from bench.common import sql_now
+
+INSERT_RUN = (
+    "INSERT INTO analysis_runs (status, params, progress_current, created_at, owner) "
+    "VALUES (?, ?, ?, ?, ?) RETURNING id"
+)
+CLAIM_SELECT_RESERVED = (
+    "SELECT analysis_runs.id, analysis_runs.params FROM analysis_runs "
+    "WHERE analysis_runs.status = ? AND analysis_runs.id = ? AND analysis_runs.owner = ?"
+)
+CLAIM_SELECT_NEXT = (
+    "SELECT analysis_runs.id, analysis_runs.params FROM analysis_runs "
+    "WHERE analysis_runs.status = ? AND analysis_runs.owner IS NULL "
+    "ORDER BY analysis_runs.id LIMIT ? OFFSET ?"
+)
+KNOWN_PHASES = "SELECT run_phases.phase_num, run_phases.status FROM run_phases WHERE run_id = ?"
+INSERT_PHASES = (
+    "INSERT INTO run_phases (run_id, phase_num, label, status, attempts) VALUES (?, ?, ?, ?, ?)"
+)
+MARK_RUNNING = (
+    "UPDATE analysis_runs SET status=?, current_phase=?, phase_label=?, progress_current=?, "
+    "progress_total=?, phase_progress_current=?, phase_progress_total=?, "
+    "started_at=coalesce(analysis_runs.started_at, ?), heartbeat_at=?, owner=? "
+    "WHERE analysis_runs.id = ? RETURNING cancel_requested_at"
+)
+START_PHASE = (
+    "UPDATE run_phases SET status=?, attempts=(run_phases.attempts + ?), started_at=?, "
+    "finished_at=? WHERE run_phases.run_id = ? AND run_phases.phase_num = ?"
+)
+COMPLETE_PHASE = (
+    "UPDATE run_phases SET status=?, finished_at=? "
+    "WHERE run_phases.run_id = ? AND run_phases.phase_num = ?"
+)
+NEXT_BOUNDARY = (
+    "UPDATE analysis_runs SET current_phase=?, phase_label=?, progress_current=?, "
+    "phase_progress_current=?, phase_progress_total=?, heartbeat_at=? "
+    "WHERE analysis_runs.id = ? AND analysis_runs.owner = ? AND analysis_runs.status = ? "
+    "RETURNING cancel_requested_at"
+)
+LAST_BOUNDARY = (
+    "UPDATE analysis_runs SET status=?, progress_current=?, phase_progress_current=?, "
+    "phase_progress_total=?, completed_at=? "
+    "WHERE analysis_runs.id = ? AND analysis_runs.owner = ? AND analysis_runs.status = ? "
+    "RETURNING cancel_requested_at"
+)
+
+PhaseCall = Callable[[int], None]
+
+
+def create_run(conn: sqlite3.Connection, owner: str | None) -> int:
+    """``runs.create_run`` in its own write transaction: one commit."""
+    conn.execute("BEGIN IMMEDIATE")
+    run_id = int(conn.execute(INSERT_RUN, ("queued", "{}", 0, sql_now(), owner)).fetchone()[0])
+    conn.execute("COMMIT")
+    return run_id
+
+
+def claim(
+    conn: sqlite3.Connection, owner: str, labels: Sequence[tuple[int, str]], run_id: int | None
+) -> int | None:
+    """``runs.claim`` for a fresh run: mark it running, create its phase rows; one commit."""
+    conn.execute("BEGIN IMMEDIATE")
+    if run_id is None:
+        row = conn.execute(CLAIM_SELECT_NEXT, ("queued", 1, 0)).fetchone()
+    else:
+        row = conn.execute(CLAIM_SELECT_RESERVED, ("queued", run_id, owner)).fetchone()
+    if row is None:
+        conn.execute("COMMIT")
+        return None
+    run_id = int(row[0])
+    now = sql_now()
+    known = dict(conn.execute(KNOWN_PHASES, (run_id,)).fetchall())
+    conn.executemany(
+        INSERT_PHASES, [(run_id, n, lb, "pending", 0) for n, lb in labels if n not in known]
+    )
+    first, label = labels[0]
+    conn.execute(
+        MARK_RUNNING,
+        ("running", first, label, 0, len(labels), None, None, now, now, owner, run_id),
+    ).fetchone()
+    conn.execute(START_PHASE, ("running", 1, now, None, run_id, first))
+    conn.execute("COMMIT")
+    return run_id
+
+
+def execute_phases(
+    conn: sqlite3.Connection,
+    run_id: int,
+    owner: str,
+    labels: Sequence[tuple[int, str]],
+    phase: PhaseCall,
+) -> None:
+    """Each phase, then ``runs.finish_phase`` in the same transaction; one commit each.
+
+    As in the runner, ``BEGIN IMMEDIATE`` goes out just before the first
+    statement: a phase that writes nothing begins it at the boundary.
+    """
+    last = len(labels)
+    for index, (num, _label) in enumerate(labels):
+        phase(num)
+        now = sql_now()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(COMPLETE_PHASE, ("completed", now, run_id, num))
+        if index + 1 < last:
+            nxt, nxt_label = labels[index + 1]
+            row = conn.execute(
+                NEXT_BOUNDARY, (nxt, nxt_label, num, None, None, now, run_id, owner, "running")
+            ).fetchone()
+            if row is None or row[0] is not None:
+                raise RuntimeError("reference run lost or cancelled")
+            conn.execute(START_PHASE, ("running", 1, now, None, run_id, nxt))
+        else:
+            conn.execute(
+                LAST_BOUNDARY, ("completed", num, None, None, now, run_id, owner, "running")
+            ).fetchone()
+        conn.execute("COMMIT")
+
+
+def whole_run(
+    conn: sqlite3.Connection,
+    owner: str,
+    labels: Sequence[tuple[int, str]],
+    phase: PhaseCall,
+    run_id: int | None = None,
+) -> int:
+    """Claim (a given or the next queued run) and execute it to completion."""
+    claimed = claim(conn, owner, labels, run_id)
+    if claimed is None:
+        raise RuntimeError("nothing to claim")
+    execute_phases(conn, claimed, owner, labels, phase)
+    return claimed

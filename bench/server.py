@@ -1,0 +1,97 @@
+"""A bench server: ``pipeline serve``'s app and uvicorn, plus two reference endpoints.
+
+    python -m bench.server --port PORT      (settings from PIPELINE_* as usual)
+
+What ``pipeline serve`` runs (the same ``create_app`` on uvicorn, logging at
+INFO like the CLI), with two routes added on the app object for the API
+benchmark:
+
+* ``GET /bench/nodb/{run_id}``: the same Run JSON as ``GET /runs/{id}`` (a
+  completed run with five phases and a warning, built once in memory), through
+  the same response model, in the same thread pool, but without the database:
+  the difference to ``GET /runs/{id}`` is the cost of reading the run.
+* ``GET /bench/trivial``: ``{"status": "ok"}``, the HTTP stack alone.
+
+uvicorn's access log is off: one log line per request would add the same
+cost to every endpoint and shrink the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import uvicorn
+
+from pipeline.api import RunOut, create_app
+from pipeline.config import get_settings
+from pipeline.logs import configure_logging
+from pipeline.runs import PhaseRecord, Run, RunStatus, RunWarning
+
+
+def sample_run(run_id: int) -> Run:
+    """A completed run of five phases with one warning, as the benchmark's rows are."""
+    start = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
+    step = dt.timedelta(milliseconds=3)
+    return Run(
+        id=run_id,
+        status=RunStatus.COMPLETED,
+        params={"subreddit": "python", "limit": 100},
+        current_phase=5,
+        phase_label="Phase 5",
+        progress_current=5,
+        progress_total=5,
+        phase_progress_current=None,
+        phase_progress_total=None,
+        error_message=None,
+        created_at=start,
+        started_at=start,
+        completed_at=start + 5 * step,
+        cancel_requested_at=None,
+        warnings=(RunWarning(phase=2, message="3 comments were deleted"),),
+        phases=tuple(
+            PhaseRecord(
+                num=i,
+                label=f"Phase {i}",
+                status="completed",
+                attempts=1,
+                started_at=start + (i - 1) * step,
+                finished_at=start + i * step,
+            )
+            for i in range(1, 6)
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.server")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.log_format, logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    app = create_app(settings)
+
+    @app.get("/bench/nodb/{run_id}", response_model=RunOut)
+    def nodb(run_id: int) -> dict[str, Any]:
+        return sample_run(run_id).to_dict()
+
+    @app.get("/bench/trivial")
+    def trivial() -> dict[str, str]:
+        return {"status": "ok"}
+
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=args.port, lifespan="on", access_log=False, log_config=None
+    )
+    # Plain uvicorn.Server: SIGTERM still stops it gracefully (the lifespan lets
+    # running runs finish); the CLI's exit-code handling does not matter here.
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
