@@ -40,8 +40,8 @@ def _boundary(workdir: Workdir, n: int) -> Callable[[], None]:
     owner = f"{executor.identity}:profile"
     engine = db.create_engine(url_of(path))
     with db.write(engine) as conn:
-        warm_up = runs.create_run(conn, params={}, owner=owner)
-        run_id = runs.create_run(conn, params={}, owner=owner)
+        warm_up = runs.create_run(conn, params={}, owner=owner).id
+        run_id = runs.create_run(conn, params={}, owner=owner).id
     engine.dispose()
     executor._runner(reserved=(warm_up, owner))
     return lambda: executor._runner(reserved=(run_id, owner))

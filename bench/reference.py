@@ -48,6 +48,14 @@ COMPLETE_PHASE = (
     "UPDATE run_phases SET status=?, finished_at=? "
     "WHERE run_phases.run_id = ? AND run_phases.phase_num = ?"
 )
+CROSS_BOUNDARY = (
+    "UPDATE run_phases SET status=CASE WHEN (run_phases.phase_num = ?) THEN ? ELSE ? END, "
+    "attempts=CASE WHEN (run_phases.phase_num = ?) THEN run_phases.attempts "
+    "ELSE run_phases.attempts + ? END, "
+    "started_at=CASE WHEN (run_phases.phase_num = ?) THEN run_phases.started_at ELSE ? END, "
+    "finished_at=CASE WHEN (run_phases.phase_num = ?) THEN ? END "
+    "WHERE run_phases.run_id = ? AND run_phases.phase_num IN (?, ?)"
+)
 NEXT_BOUNDARY = (
     "UPDATE analysis_runs SET current_phase=?, phase_label=?, progress_current=?, "
     "phase_progress_current=?, phase_progress_total=?, heartbeat_at=? "
@@ -117,7 +125,6 @@ def execute_phases(
         phase(num)
         now = sql_now()
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute(COMPLETE_PHASE, ("completed", now, run_id, num))
         if index + 1 < last:
             nxt, nxt_label = labels[index + 1]
             row = conn.execute(
@@ -125,11 +132,15 @@ def execute_phases(
             ).fetchone()
             if row is None or row[0] is not None:
                 raise RuntimeError("reference run lost or cancelled")
-            conn.execute(START_PHASE, ("running", 1, now, None, run_id, nxt))
+            conn.execute(
+                CROSS_BOUNDARY,
+                (num, "completed", "running", num, 1, num, now, num, now, run_id, num, nxt),
+            )
         else:
             conn.execute(
                 LAST_BOUNDARY, ("completed", num, None, None, now, run_id, owner, "running")
             ).fetchone()
+            conn.execute(COMPLETE_PHASE, ("completed", now, run_id, num))
         conn.execute("COMMIT")
 
 

@@ -109,7 +109,7 @@ def create_queued(url: str) -> int:
     engine = db.create_engine(url)
     try:
         with db.write(engine) as conn:
-            return runs.create_run(conn, params={"q": 1})
+            return runs.create_run(conn, params={"q": 1}).id
     finally:
         engine.dispose()
 

@@ -113,7 +113,7 @@ def test_metrics_move_as_runs_complete(db_url):
 
 
 def _finished_run(conn, *, status: str, ended: dt.datetime, rows: int = 2) -> int:
-    run_id = runs.create_run(conn, params={})
+    run_id = runs.create_run(conn, params={}).id
     conn.execute(
         sa.update(analysis_runs)
         .where(analysis_runs.c.id == run_id)
@@ -155,7 +155,7 @@ def test_prune_deletes_only_old_finished_runs_and_their_rows(db_url, engine):
             _finished_run(conn, status=s, ended=old) for s in ("completed", "failed", "cancelled")
         ]
         recent = _finished_run(conn, status="completed", ended=now - dt.timedelta(days=1))
-        queued = runs.create_run(conn, params={})
+        queued = runs.create_run(conn, params={}).id
         conn.execute(
             sa.update(analysis_runs).where(analysis_runs.c.id == queued).values(created_at=old)
         )
@@ -181,7 +181,7 @@ def test_prune_by_status_and_never_unfinished(db_url, engine):
     with db.write(engine) as conn:
         failed = _finished_run(conn, status="failed", ended=old)
         completed = _finished_run(conn, status="completed", ended=old)
-        running = runs.create_run(conn, params={})
+        running = runs.create_run(conn, params={}).id
         conn.execute(
             sa.update(analysis_runs)
             .where(analysis_runs.c.id == running)

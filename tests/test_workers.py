@@ -84,7 +84,7 @@ def workers(db_url, tmp_path):
 
 def enqueue(engine, count, params=None):
     with db.write(engine) as conn:
-        return [runs.create_run(conn, params=params or {}) for _ in range(count)]
+        return [runs.create_run(conn, params=params or {}).id for _ in range(count)]
 
 
 def duplicates(engine):
@@ -234,7 +234,7 @@ def _insert_running(engine, *, owner, heartbeat_age):
 
     now = runs.utcnow()
     with db.write(engine) as conn:
-        run_id = runs.create_run(conn, params={})
+        run_id = runs.create_run(conn, params={}).id
         conn.execute(
             sa.update(analysis_runs)
             .where(analysis_runs.c.id == run_id)

@@ -72,7 +72,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     )
     if not args.wait:
         with db.write(engine) as conn:
-            run_id = runs.create_run(conn, params=params)
+            run_id = runs.create_run(conn, params=params).id
         print(run_id)
         console.print(
             f"run {run_id} queued; a `pipeline serve` or `pipeline worker` will execute it"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,43 +57,39 @@ class DatabaseBusy(Exception):
 
 
 class _WriteGate:
-    """A ticket lock: the process's SQLite writers take the write lock in turn."""
+    """A FIFO hand-off lock: the process's SQLite writers take the write lock in turn.
+
+    Releasing hands the gate straight to the oldest waiter (only that thread
+    wakes), so a runner that commits and begins again queues behind the API.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-        self._abandoned: set[int] = set()
+        self._lock = threading.Lock()
+        self._held = False
+        self._waiters: deque[threading.Event] = deque()
 
     def acquire(self, timeout: float) -> bool:
         """Wait for our turn; give up (and leave the queue) after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            while self._serving != ticket:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._abandoned.add(ticket)
-                    return False
-                self._cond.wait(remaining)
+        with self._lock:
+            if not self._held and not self._waiters:
+                self._held = True
+                return True
+            turn = threading.Event()
+            self._waiters.append(turn)
+        if turn.wait(timeout):
             return True
-
-    def try_acquire(self) -> bool:
-        """Take the gate only if nobody holds it or waits for it."""
-        with self._cond:
-            if self._serving != self._next_ticket:
-                return False
-            self._next_ticket += 1
-            return True
+        with self._lock:
+            if turn.is_set():  # handed over just as we gave up
+                return True
+            self._waiters.remove(turn)
+            return False
 
     def release(self) -> None:
-        with self._cond:
-            self._serving += 1
-            while self._serving in self._abandoned:
-                self._abandoned.remove(self._serving)
-                self._serving += 1
-            self._cond.notify_all()
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().set()  # still held: now by the next in line
+            else:
+                self._held = False
 
 
 _gates: dict[str, _WriteGate] = {}

@@ -388,7 +388,7 @@ class Executor:
     @staticmethod
     def _insert(engine: Engine, params: Mapping[str, Any], *, owner: str | None) -> int:
         with db.write(engine) as conn:
-            return runs.create_run(conn, params=params, owner=owner)
+            return runs.create_run(conn, params=params, owner=owner).id
 
     def wake(self) -> None:
         """Make sure queued runs get a runner, up to the concurrency limit."""

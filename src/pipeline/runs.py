@@ -258,20 +258,22 @@ def count_by_status(conn: Connection) -> dict[RunStatus, int]:
 # -- what clients do ----------------------------------------------------------
 
 
-def create_run(conn: Connection, *, params: Mapping[str, Any], owner: str | None = None) -> int:
-    """Insert a queued run; with ``owner`` it is reserved for that process."""
-    result = conn.execute(
-        sa.insert(runs_t)
-        .values(
-            status=RunStatus.QUEUED.value,
-            params=dict(params),
-            progress_current=0,
-            created_at=utcnow(),
-            owner=owner,
-        )
-        .returning(runs_t.c.id)
+_CREATE_RUN = sa.insert(runs_t).returning(*_RUN_COLUMNS)
+
+
+def create_run(conn: Connection, *, params: Mapping[str, Any], owner: str | None = None) -> Run:
+    """Insert a queued run and return it; with ``owner`` it is reserved for that process."""
+    row = conn.execute(
+        _CREATE_RUN,
+        {
+            "status": RunStatus.QUEUED.value,
+            "params": dict(params),
+            "progress_current": 0,
+            "created_at": utcnow(),
+            "owner": owner,
+        },
     )
-    return int(result.scalar_one())
+    return Run.from_row(row.mappings().one())
 
 
 class Outcome(enum.Enum):
@@ -394,6 +396,42 @@ def _owned(run_id: int, owner: str) -> sa.ColumnElement[bool]:
     )
 
 
+_b = sa.bindparam
+_claimable = sa.select(runs_t.c.id, runs_t.c.params, runs_t.c.started_at).where(
+    runs_t.c.status == RunStatus.QUEUED.value
+)
+_NEXT_QUEUED = (
+    _claimable.where(runs_t.c.owner.is_(None))
+    .order_by(runs_t.c.id)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_RESERVED = _claimable.where(
+    runs_t.c.id == _b("b_run"), runs_t.c.owner == _b("b_owner")
+).with_for_update(skip_locked=True)
+_PHASE_STATUSES = sa.select(phases_t.c.phase_num, phases_t.c.status).where(
+    phases_t.c.run_id == _b("b_run")
+)
+_INSERT_PHASE = sa.insert(phases_t)
+_MARK_RUNNING = (
+    sa.update(runs_t)
+    .where(runs_t.c.id == _b("b_run"))
+    .values(
+        status=RunStatus.RUNNING.value,
+        started_at=sa.func.coalesce(runs_t.c.started_at, _b("b_now")),
+        current_phase=_b("b_phase"),
+        phase_label=_b("b_label"),
+        progress_current=_b("b_done"),
+        progress_total=_b("b_total"),
+        phase_progress_current=None,
+        phase_progress_total=None,
+        owner=_b("b_owner"),
+        heartbeat_at=_b("b_now"),
+    )
+    .returning(runs_t.c.cancel_requested_at)
+)
+
+
 def claim(
     conn: Connection,
     *,
@@ -406,21 +444,16 @@ def claim(
     Call it in a write transaction: ``BEGIN IMMEDIATE`` on SQLite, and
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, make it safe for many claimers.
     """
-    query = sa.select(runs_t.c.id, runs_t.c.params).where(runs_t.c.status == RunStatus.QUEUED.value)
     if run_id is None:
-        query = query.where(runs_t.c.owner.is_(None)).order_by(runs_t.c.id).limit(1)
+        row = conn.execute(_NEXT_QUEUED).first()
     else:
-        query = query.where(runs_t.c.id == run_id, runs_t.c.owner == owner)
-    row = conn.execute(query.with_for_update(skip_locked=True)).first()
+        row = conn.execute(_RESERVED, {"b_run": run_id, "b_owner": owner}).first()
     if row is None:
         return None
     now = utcnow()
-    known = {
-        num: status
-        for num, status in conn.execute(
-            sa.select(phases_t.c.phase_num, phases_t.c.status).where(phases_t.c.run_id == row.id)
-        )
-    }
+    known: dict[int, str] = {}
+    if row.started_at is not None:  # a resumed run: its phase rows say where it stands
+        known = {num: status for num, status in conn.execute(_PHASE_STATUSES, {"b_run": row.id})}
     stale = [num for num in known if num > len(phases)]
     if stale:  # the registry lost phases since this run last ran: they mean nothing now
         conn.execute(
@@ -429,7 +462,7 @@ def claim(
     missing = [(num, label) for num, label in phases if num not in known]
     if missing:
         conn.execute(
-            sa.insert(phases_t),
+            _INSERT_PHASE,
             [
                 {"run_id": row.id, "phase_num": n, "label": lb, "status": "pending", "attempts": 0}
                 for n, lb in missing
@@ -449,40 +482,105 @@ def claim(
             )
         )
         return None
-    label = dict(phases)[first]
     result = conn.execute(
-        sa.update(runs_t)
-        .where(runs_t.c.id == row.id)
-        .values(
-            status=RunStatus.RUNNING.value,
-            started_at=sa.func.coalesce(runs_t.c.started_at, now),
-            current_phase=first,
-            phase_label=label,
-            progress_current=first - 1,
-            progress_total=len(phases),
-            phase_progress_current=None,
-            phase_progress_total=None,
-            owner=owner,
-            heartbeat_at=now,
-        )
-        .returning(runs_t.c.cancel_requested_at)
+        _MARK_RUNNING,
+        {
+            "b_run": row.id,
+            "b_now": now,
+            "b_phase": first,
+            "b_label": dict(phases)[first],
+            "b_done": first - 1,
+            "b_total": len(phases),
+            "b_owner": owner,
+        },
     )
     cancel_requested = result.scalar() is not None
     _start_phase(conn, run_id=row.id, phase_num=first, now=now)
     return Claimed(row.id, row.params, first, cancel_requested)
 
 
-def _start_phase(conn: Connection, *, run_id: int, phase_num: int, now: dt.datetime) -> None:
-    conn.execute(
-        sa.update(phases_t)
-        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
-        .values(
-            status="running",
-            attempts=phases_t.c.attempts + 1,
-            started_at=now,
-            finished_at=None,
-        )
+# -- the runner's hot path: statements built once --------------------------------
+# Building a Core statement per call cost more than executing it: 250 of the
+# 600 µs of a phase boundary (bench "boundary cost"). These are built at import
+# and executed with bound parameters.
+
+_OWNED = sa.and_(
+    runs_t.c.id == _b("b_run"),
+    runs_t.c.owner == _b("b_owner"),
+    runs_t.c.status == RunStatus.RUNNING.value,
+)
+_THIS_PHASE = sa.and_(phases_t.c.run_id == _b("b_run"), phases_t.c.phase_num == _b("b_phase"))
+_COMPLETE_PHASE = (
+    sa.update(phases_t).where(_THIS_PHASE).values(status="completed", finished_at=_b("b_now"))
+)
+_START_PHASE = (
+    sa.update(phases_t)
+    .where(_THIS_PHASE)
+    .values(
+        status="running",
+        attempts=phases_t.c.attempts + 1,
+        started_at=_b("b_now"),
+        finished_at=None,
     )
+)
+_ADVANCE_RUN = (
+    sa.update(runs_t)
+    .where(_OWNED)
+    .values(
+        current_phase=_b("b_next"),
+        phase_label=_b("b_label"),
+        progress_current=_b("b_phase"),
+        phase_progress_current=None,
+        phase_progress_total=None,
+        heartbeat_at=_b("b_now"),
+    )
+    .returning(runs_t.c.cancel_requested_at)
+)
+_COMPLETE_RUN = (
+    sa.update(runs_t)
+    .where(_OWNED)
+    .values(
+        status=RunStatus.COMPLETED.value,
+        progress_current=_b("b_phase"),
+        completed_at=_b("b_now"),
+        phase_progress_current=None,
+        phase_progress_total=None,
+    )
+    .returning(runs_t.c.cancel_requested_at)
+)
+# The common boundary in one statement: phase k completed, phase k+1 running.
+_is_done = phases_t.c.phase_num == _b("b_phase")
+_CROSS_BOUNDARY = (
+    sa.update(phases_t)
+    .where(
+        phases_t.c.run_id == _b("b_run"), phases_t.c.phase_num.in_([_b("b_phase"), _b("b_next")])
+    )
+    .values(
+        status=sa.case((_is_done, "completed"), else_="running"),
+        finished_at=sa.case((_is_done, _b("b_now")), else_=None),
+        started_at=sa.case((_is_done, phases_t.c.started_at), else_=_b("b_now")),
+        attempts=sa.case((_is_done, phases_t.c.attempts), else_=phases_t.c.attempts + 1),
+    )
+)
+_CANCEL_AT_BOUNDARY = (
+    sa.update(runs_t)
+    .where(runs_t.c.id == _b("b_run"))
+    .values(status=RunStatus.CANCELLED.value, completed_at=_b("b_now"))
+)
+_BEAT = (
+    sa.update(runs_t)
+    .where(_OWNED, runs_t.c.current_phase == _b("b_phase"))
+    .values(
+        heartbeat_at=_b("b_now"),
+        phase_progress_current=_b("b_current"),
+        phase_progress_total=_b("b_total"),
+    )
+    .returning(runs_t.c.cancel_requested_at)
+)
+
+
+def _start_phase(conn: Connection, *, run_id: int, phase_num: int, now: dt.datetime) -> None:
+    conn.execute(_START_PHASE, {"b_run": run_id, "b_phase": phase_num, "b_now": now})
 
 
 def retry_phase(conn: Connection, *, run_id: int, owner: str, phase_num: int) -> bool:
@@ -520,47 +618,23 @@ def finish_phase(
     running, completed, or cancelled (a cancel request waiting at this boundary).
     """
     now = utcnow()
-    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings, now=now)
-    conn.execute(
-        sa.update(phases_t)
-        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
-        .values(status="completed", finished_at=now)
-    )
+    params: dict[str, Any] = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num, "b_now": now}
     if next_phase is None:
-        values: dict[str, Any] = {
-            "status": RunStatus.COMPLETED.value,
-            "progress_current": phase_num,
-            "completed_at": now,
-            "phase_progress_current": None,
-            "phase_progress_total": None,
-        }
+        row = conn.execute(_COMPLETE_RUN, params).first()
     else:
-        values = {
-            "current_phase": next_phase[0],
-            "phase_label": next_phase[1],
-            "progress_current": phase_num,
-            "phase_progress_current": None,
-            "phase_progress_total": None,
-            "heartbeat_at": now,
-        }
-    result = conn.execute(
-        sa.update(runs_t)
-        .where(_owned(run_id, owner))
-        .values(**values)
-        .returning(runs_t.c.cancel_requested_at)
-    ).first()
-    if result is None:
+        params.update(b_next=next_phase[0], b_label=next_phase[1])
+        row = conn.execute(_ADVANCE_RUN, params).first()
+    if row is None:
         raise RunLost(f"run {run_id} is no longer owned by this runner")
+    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings, now=now)
     if next_phase is None:
+        conn.execute(_COMPLETE_PHASE, params)
         return RunStatus.COMPLETED
-    if result.cancel_requested_at is not None:
-        conn.execute(
-            sa.update(runs_t)
-            .where(runs_t.c.id == run_id)
-            .values(status=RunStatus.CANCELLED.value, completed_at=now)
-        )
+    if row.cancel_requested_at is not None:
+        conn.execute(_COMPLETE_PHASE, params)
+        conn.execute(_CANCEL_AT_BOUNDARY, params)
         return RunStatus.CANCELLED
-    _start_phase(conn, run_id=run_id, phase_num=next_phase[0], now=now)
+    conn.execute(_CROSS_BOUNDARY, params)
     return RunStatus.RUNNING
 
 
@@ -633,14 +707,15 @@ def heartbeat(conn: Connection, *, beats: Sequence[Beat]) -> dict[int, bool]:
     answer: dict[int, bool] = {}
     for beat in beats:
         row = conn.execute(
-            sa.update(runs_t)
-            .where(_owned(beat.run_id, beat.owner), runs_t.c.current_phase == beat.phase_num)
-            .values(
-                heartbeat_at=now,
-                phase_progress_current=beat.current,
-                phase_progress_total=beat.total,
-            )
-            .returning(runs_t.c.cancel_requested_at)
+            _BEAT,
+            {
+                "b_run": beat.run_id,
+                "b_owner": beat.owner,
+                "b_phase": beat.phase_num,
+                "b_now": now,
+                "b_current": beat.current,
+                "b_total": beat.total,
+            },
         ).first()
         if row is not None:
             answer[beat.run_id] = row.cancel_requested_at is not None

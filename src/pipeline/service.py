@@ -157,12 +157,10 @@ class Service:
 
     def create_run(self, params: Mapping[str, Any]) -> Run:
         with db.write(self.engine) as conn:
-            run_id = runs.create_run(conn, params=params)
+            run = runs.create_run(conn, params=params)
         self.metrics.runs_created.inc()
         if self.execute:
             self.executor.wake()
-        run = self.get_run(run_id)
-        assert run is not None
         return run
 
     def get_run(self, run_id: int) -> Run | None:
