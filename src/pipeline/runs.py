@@ -178,8 +178,22 @@ class Run:
 _RUN_COLUMNS = [c for c in runs_t.c if c.name not in ("owner", "heartbeat_at")]
 
 
+# Reads a request makes, built once (building them cost as much as running them).
+_GET_RUN = sa.select(*_RUN_COLUMNS).where(runs_t.c.id == sa.bindparam("b_run"))
+_WARNINGS_OF = (
+    sa.select(warnings_t.c.run_id, warnings_t.c.phase, warnings_t.c.message)
+    .where(warnings_t.c.run_id.in_(sa.bindparam("b_ids", expanding=True)))
+    .order_by(warnings_t.c.run_id, warnings_t.c.id)
+)
+_PHASES_OF = (
+    sa.select(phases_t)
+    .where(phases_t.c.run_id.in_(sa.bindparam("b_ids", expanding=True)))
+    .order_by(phases_t.c.run_id, phases_t.c.phase_num)
+)
+
+
 def get_run(conn: Connection, *, run_id: int) -> Run | None:
-    row = conn.execute(sa.select(*_RUN_COLUMNS).where(runs_t.c.id == run_id)).mappings().first()
+    row = conn.execute(_GET_RUN, {"b_run": run_id}).mappings().first()
     if row is None:
         return None
     return _with_details(conn, [row])[0]
@@ -209,20 +223,10 @@ def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
     if not ids:
         return []
     warnings: dict[int, list[RunWarning]] = {i: [] for i in ids}
-    query = (
-        sa.select(warnings_t.c.run_id, warnings_t.c.phase, warnings_t.c.message)
-        .where(warnings_t.c.run_id.in_(ids))
-        .order_by(warnings_t.c.run_id, warnings_t.c.id)
-    )
-    for w in conn.execute(query):
+    for w in conn.execute(_WARNINGS_OF, {"b_ids": ids}):
         warnings[w.run_id].append(RunWarning(phase=w.phase, message=w.message))
     phases: dict[int, list[PhaseRecord]] = {i: [] for i in ids}
-    query = (
-        sa.select(phases_t)
-        .where(phases_t.c.run_id.in_(ids))
-        .order_by(phases_t.c.run_id, phases_t.c.phase_num)
-    )
-    for p in conn.execute(query):
+    for p in conn.execute(_PHASES_OF, {"b_ids": ids}):
         phases[p.run_id].append(
             PhaseRecord(
                 num=p.phase_num,

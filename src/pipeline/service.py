@@ -44,8 +44,13 @@ class Service:
         self.settings = settings
         self.execute = settings.executor == "thread" if execute is None else execute
         self.registry = load_registry(settings.phases) if registry is None else list(registry)
+        # Requests run in FastAPI's thread pool: keep enough connections open
+        # that a burst of them does not reconnect (and re-run the pragmas).
         self.engine: Engine = db.create_engine(
-            settings.database_url, busy_timeout_ms=settings.busy_timeout_ms
+            settings.database_url,
+            busy_timeout_ms=settings.busy_timeout_ms,
+            pool_size=10,
+            max_overflow=30,
         )
         self.metrics = Metrics()
         self.metrics.watch_database(self._count_by_status)
