@@ -62,14 +62,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     params = _params(args.params)
-    registry = load_registry(settings.phases)
+    registry = load_registry(settings.phases)  # a broken registry is refused either way
     engine = _engine(settings)
-    executor = Executor(
-        settings.database_url,
-        registry,
-        heartbeat_seconds=settings.heartbeat_seconds,
-        busy_timeout_ms=settings.busy_timeout_ms,
-    )
     if not args.wait:
         with db.write(engine) as conn:
             run_id = runs.create_run(conn, params=params).id
@@ -78,7 +72,13 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             f"run {run_id} queued; a `pipeline serve` or `pipeline worker` will execute it"
         )
         return 0
-    executor.sweep(engine, lease_seconds=settings.lease_seconds)
+    executor = Executor(
+        settings.database_url,
+        registry,
+        heartbeat_seconds=settings.heartbeat_seconds,
+        busy_timeout_ms=settings.busy_timeout_ms,
+    )
+    executor.sweep(engine, lease_seconds=settings.lease_seconds, requeue=settings.auto_resume)
     run_id, thread = executor.start_reserved(params)
     console.print(f"run {run_id} started ({len(registry)} phases); Ctrl-C cancels it")
     status = _watch(engine, executor, run_id, thread)
