@@ -80,3 +80,47 @@ def test_pipeline_migrate_command(tmp_path):
         db.check_schema(engine)
     finally:
         engine.dispose()
+
+
+def test_pipeline_migrate_works_from_a_built_wheel(tmp_path):
+    """A normal (non-editable) install ships the migrations: `pipeline migrate` finds them."""
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        archive.extractall(site)
+    assert "pipeline/alembic/env.py" in names
+    assert any(n.startswith("pipeline/alembic/versions/0001") for n in names)
+    path = tmp_path / "from-wheel.db"
+    code = (
+        "import pipeline.db as d, sys; "
+        "assert str(d.migrations_dir()).startswith(sys.argv[1]), d.migrations_dir(); "
+        "from pipeline.cli import main; sys.exit(main(['migrate']))"
+    )
+    env = {**os.environ, "PIPELINE_DATABASE_URL": f"sqlite:///{path}", "PYTHONPATH": str(site)}
+    subprocess.run(
+        [sys.executable, "-c", code, str(site)], cwd=tmp_path, env=env, check=True, timeout=120
+    )
+    engine = db.create_engine(f"sqlite:///{path}")
+    try:
+        db.check_schema(engine)
+    finally:
+        engine.dispose()
