@@ -111,9 +111,12 @@ def create_engine(url: str, *, busy_timeout_ms: int = 5000, **kwargs: Any) -> En
     if sa_url.get_backend_name() != "sqlite":
         return sa.create_engine(sa_url, **kwargs)
     kwargs.setdefault("connect_args", {}).setdefault("check_same_thread", False)
-    engine = sa.create_engine(sa_url, **kwargs)
     database = sa_url.database or ""
     in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    if in_memory:  # one connection per thread (SingletonThreadPool): no pool to size
+        kwargs.pop("pool_size", None)
+        kwargs.pop("max_overflow", None)
+    engine = sa.create_engine(sa_url, **kwargs)
     gate = None if in_memory else _gate_for(os.path.realpath(database))
     _install_sqlite_listeners(engine, busy_timeout_ms, gate)
     return engine
