@@ -52,14 +52,14 @@ def _same_sample(sample: str, name: str, labels: dict[str, str]) -> bool:
 
 def test_metrics_move_as_runs_complete(db_url):
     """Created/finished counters, state gauges, durations, retries and HTTP latency all move."""
-    attempts = []
+    attempts: dict[int, int] = {}  # per run: the two runs may execute at once
 
     @phase(retries=1, backoff=0.01, retry_on=(Flaky,))
     def flaky_once(conn, ctx):
-        attempts.append(1)
+        attempts[ctx.run_id] = attempts.get(ctx.run_id, 0) + 1
         if ctx.params.get("fail"):
             raise RuntimeError("broken")
-        if len(attempts) == 1:
+        if attempts[ctx.run_id] == 1:
             raise Flaky("first attempt")
 
     def quick(conn, ctx):
