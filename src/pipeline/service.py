@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -108,8 +109,6 @@ class Service:
         try:
             yield
         finally:
-            import anyio.to_thread
-
             await anyio.to_thread.run_sync(self.stop)
 
     def sweep(self) -> list[int]:
