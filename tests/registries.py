@@ -34,7 +34,8 @@ def waits_for_cancel(conn: Connection, ctx: RunContext) -> None:
     (_signal_dir() / f"running-{ctx.run_id}").touch()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        ctx.raise_if_cancelled()
+        if not (_signal_dir() / "ignore-cancel").exists():
+            ctx.raise_if_cancelled()
         time.sleep(0.02)
     raise TimeoutError("never cancelled")
 

@@ -1102,3 +1102,30 @@ def test_a_locked_database_is_a_503_with_retry_after(h_sqlite: Harness) -> None:
         after = client.post("/runs", json={})
         assert after.status_code == 201, after.text
         wait_status(client, after.json()["id"], "completed")
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_buffering_it(db_url):
+    """A body without Content-Length is cut off at 64 KiB: 422, and nothing is created."""
+
+    def chunks():
+        yield b'{"params": {"x": "'
+        for _ in range(100):
+            yield b"y" * 1024
+        yield b'"}}'
+
+    app = create_app(Settings(database_url=db_url), registry=[(1, "Noop", lambda c, x: None)])
+    with TestClient(app) as client:
+        answer = client.post(
+            "/runs", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 422
+        assert "64 KiB" in answer.json()["detail"]
+        assert client.get("/runs").json()["items"] == []
+
+
+def test_an_empty_token_setting_is_refused():
+    """PIPELINE_API_TOKEN set but empty would accept any "Bearer " header: refused."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="empty"):
+        Settings(api_token="  ")  # noqa: S106 - the point is an empty token

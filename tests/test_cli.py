@@ -157,3 +157,25 @@ def test_an_unmigrated_database_is_refused_with_the_fix(tmp_path):
     )
     assert result.returncode == 64
     assert "pipeline migrate" in result.stderr
+
+
+def test_second_interrupt_leaves_at_once(cli_env, engine, tmp_path):
+    """A second Ctrl-C during `run --wait` exits 130 at once; the run is swept on the next start."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--wait"],
+        env={**cli_env, "PIPELINE_PHASES": "tests.registries:CANCELLABLE"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: list(tmp_path.glob("running-*")), timeout=30)
+        # ignore the first request: the phase stays put until killed
+        (tmp_path / "ignore-cancel").touch()
+        process.send_signal(signal.SIGINT)
+        wait_for(lambda: read_run(engine, 1).cancel_requested_at is not None, timeout=30)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 130

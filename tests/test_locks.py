@@ -134,3 +134,24 @@ def test_heartbeat_gives_up_at_once_when_the_lock_is_busy(sqlite_url):
         assert read_run(engine, run_id).status is RunStatus.COMPLETED
     finally:
         engine.dispose()
+
+
+def test_an_interrupted_wait_for_the_write_gate_leaves_the_queue(monkeypatch):
+    """A signal raised while a thread queues for the gate must not leave the gate stuck."""
+    gate = db._WriteGate()
+    assert gate.acquire(1)  # held by "someone else"
+
+    class Interrupted(threading.Event):
+        def wait(self, timeout=None):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipeline.db.threading.Event", Interrupted)
+    try:
+        gate.acquire(5)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interrupt was swallowed")
+    monkeypatch.undo()
+    gate.release()
+    assert gate.acquire(0.5), "the gate was handed to a waiter that had left"

@@ -27,6 +27,7 @@ def test_a_well_formed_registry_is_returned_in_order():
         pytest.param([(1, "", noop)], "non-empty", id="empty-label"),
         pytest.param([(1, "   ", noop)], "non-empty", id="blank-label"),
         pytest.param([(1, None, noop)], "non-empty", id="label-not-str"),
+        pytest.param([(1, "x" * 201, noop)], "longer than 200", id="label-too-long"),
         pytest.param([(1, "a", "not callable")], "not callable", id="non-callable"),
         pytest.param([(1, "a")], "tuple", id="short-tuple"),
         pytest.param([("1", "a", noop)], "not an integer", id="num-not-int"),

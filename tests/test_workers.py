@@ -279,6 +279,7 @@ def test_run_of_a_silent_worker_on_another_host_is_taken_after_the_lease(
     service = Service(settings, registry=PHASES, execute=False)
     try:
         assert service.sweep() == [stale]
+        runners = service.executor._runners
     finally:
         service.stop()
     with db.read(engine) as conn:
@@ -287,6 +288,7 @@ def test_run_of_a_silent_worker_on_another_host_is_taken_after_the_lease(
     assert lost is not None
     assert alive is not None
     assert alive.status is RunStatus.RUNNING
+    assert runners == 0  # a process that only queues never executes the re-queued run
     if auto_resume:
         assert lost.status is RunStatus.QUEUED
         assert [p.status for p in lost.phases] == ["completed", "pending", "pending"]

@@ -200,6 +200,22 @@ def _depth(value: Any) -> int:
     return deepest
 
 
+async def _read_limited(request: Request) -> bytes:
+    """The body, refused as soon as it is known to be too large (never buffered whole)."""
+    too_large = _bad_body(f"the body is larger than {MAX_BODY_BYTES // 1024} KiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def parse_create_body(raw: bytes) -> dict[str, Any]:
     """The params of ``POST /runs``, or a 422 that says what is wrong."""
     if len(raw) > MAX_BODY_BYTES:
@@ -272,7 +288,7 @@ def create_router(service: Service) -> APIRouter:
     async def create_run(request: Request, response: Response) -> dict[str, Any]:
         """Queue a run; it starts as soon as a slot is free."""
         try:
-            raw = await request.body()
+            raw = await _read_limited(request)
         except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing done
             raise HTTPException(400, "the request body was not received") from None
         params = parse_create_body(raw)

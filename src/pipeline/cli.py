@@ -100,7 +100,7 @@ def _watch(engine: Any, executor: Executor, run_id: int, thread: threading.Threa
     def on_interrupt(signum: int, frame: object) -> None:
         if cancelled.is_set():
             console.print("second interrupt: leaving now; the run will be swept as interrupted")
-            raise SystemExit(130)
+            os._exit(130)  # at once: the runner thread is non-daemon and would be waited for
         cancelled.set()
 
     previous = signal.signal(signal.SIGINT, on_interrupt)

@@ -46,6 +46,13 @@ class Settings(BaseSettings):
     # "text" for people, "json" for log collectors (one object per line).
     log_format: Literal["text", "json"] = "text"
 
+    @field_validator("api_token")
+    @classmethod
+    def _no_empty_token(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("PIPELINE_API_TOKEN is set but empty; unset it, or give a token")
+        return value
+
     @field_validator("retention")
     @classmethod
     def _valid_retention(cls, value: str | None) -> str | None:

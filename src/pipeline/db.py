@@ -76,8 +76,16 @@ class _WriteGate:
                 return True
             turn = threading.Event()
             self._waiters.append(turn)
-        if turn.wait(timeout):
-            return True
+        try:
+            if turn.wait(timeout):
+                return True
+        except BaseException:  # interrupted (a signal in the main thread): leave the queue
+            with self._lock:
+                if turn.is_set():
+                    self._release_locked()
+                else:
+                    self._waiters.remove(turn)
+            raise
         with self._lock:
             if turn.is_set():  # handed over just as we gave up
                 return True
@@ -86,10 +94,13 @@ class _WriteGate:
 
     def release(self) -> None:
         with self._lock:
-            if self._waiters:
-                self._waiters.popleft().set()  # still held: now by the next in line
-            else:
-                self._held = False
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # still held: now by the next in line
+        else:
+            self._held = False
 
 
 _gates: dict[str, _WriteGate] = {}
@@ -162,8 +173,13 @@ def _install_sqlite_listeners(
     # The gate is released after COMMIT/ROLLBACK has really happened, so the
     # next writer's BEGIN IMMEDIATE never meets our lock. The driver's own
     # commit() that SQLAlchemy calls next is then a no-op.
+    # An invalidated connection has no DBAPI connection to finish: the pool's
+    # invalidate event below releases the gate, and SQLAlchemy reports the
+    # original error.
     @event.listens_for(engine, "commit")
     def _on_commit(conn: Connection) -> None:
+        if conn.invalidated:
+            return
         conn.info.pop(_PENDING_BEGIN, None)
         try:
             _dbapi(conn).commit()
@@ -172,6 +188,8 @@ def _install_sqlite_listeners(
 
     @event.listens_for(engine, "rollback")
     def _on_rollback(conn: Connection) -> None:
+        if conn.invalidated:
+            return
         conn.info.pop(_PENDING_BEGIN, None)
         try:
             _dbapi(conn).rollback()

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import db, runs
@@ -38,6 +39,9 @@ T = TypeVar("T")
 
 
 # -- the registry --------------------------------------------------------------
+
+
+MAX_LABEL_LENGTH = 200  # analysis_runs.phase_label and run_phases.label
 
 
 class RegistryError(ValueError):
@@ -68,6 +72,10 @@ def validate_registry(phases: object) -> list[Phase]:
             )
         if not isinstance(label, str) or not label.strip():
             raise RegistryError(f"phase {num}: the label must be a non-empty string")
+        if len(label) > MAX_LABEL_LENGTH:
+            raise RegistryError(
+                f"phase {num}: the label is longer than {MAX_LABEL_LENGTH} characters"
+            )
         if not callable(fn):
             raise RegistryError(f"phase {num} ({label}): {fn!r} is not callable")
         checked.append((num, label, fn))
@@ -304,6 +312,25 @@ def why_owner_is_dead(
     return "worker lost" if silent > lease_seconds else None
 
 
+def describe(exc: BaseException) -> str:
+    """What a client may read about an exception: its message, never SQL; never raises.
+
+    SQLAlchemy's text carries the statement and its parameters: clients get the
+    driver's own message (the log has the rest). An empty message, or one that
+    cannot even be rendered, becomes the exception's type name.
+    """
+    shown: BaseException = exc
+    if isinstance(exc, sa.exc.StatementError) and exc.orig is not None:
+        shown = exc.orig
+    try:
+        text = str(shown)
+    except Exception:
+        text = ""
+    if shown is not exc and text:
+        return f"{type(shown).__name__}: {text}"
+    return text or type(exc).__name__
+
+
 def _retry_on_lock(action: Callable[[], T], *, what: str, attempts: int = 6) -> T:
     """Bookkeeping writes wait out a transient lock (exponential backoff, jitter)."""
     delay = 0.05
@@ -439,6 +466,7 @@ class Executor:
                 claimed = self._claim_and_execute(conn, owner=None)
                 thread.name = base_name
                 if conn.closed or conn.invalidated:  # a phase closed it: start afresh
+                    conn.close()
                     conn = engine.connect()
                 if not claimed and not self._next_claim():
                     counted = False
@@ -479,12 +507,12 @@ class Executor:
         ctx = RunContext(claimed.run_id, claimed.params)
         if claimed.cancel_requested:
             ctx._cancel.set()
-        with self._lock:
-            self._active[claimed.run_id] = (ctx, owner)
-        self._ensure_heartbeat()
         started = time.monotonic()
         status: RunStatus | None = None
         try:
+            with self._lock:
+                self._active[claimed.run_id] = (ctx, owner)
+            self._ensure_heartbeat()
             for index in range(claimed.first_phase - 1, len(self.registry)):
                 num, label, fn = self.registry[index]
                 following = self.registry[index + 1] if index + 1 < len(self.registry) else None
@@ -528,7 +556,7 @@ class Executor:
                     return self._record_end(conn, ctx, owner, exc)
                 ctx.warn(
                     f"attempt {attempt} of phase {ctx.phase_num} failed "
-                    f"({type(exc).__name__}: {exc}); retrying in {delay:.1f}s"
+                    f"({type(exc).__name__}: {describe(exc)}); retrying in {delay:.1f}s"
                 )
             else:
                 elapsed = time.monotonic() - attempt_started
@@ -580,7 +608,7 @@ class Executor:
             result = fn(conn, ctx)
             if result is not None:
                 ctx.logger.debug("phase returned %r; the value is ignored", result)
-            if conn.closed or not tx.is_active:
+            if conn.closed or conn.invalidated or not tx.is_active:
                 raise RuntimeError(
                     f"phase {ctx.phase_num} ({ctx.phase_label}) committed, rolled back or closed "
                     "the connection it was given; a phase must leave its transaction to the runner"
@@ -610,7 +638,7 @@ class Executor:
                 "run cancelled inside phase %d; its writes were rolled back", ctx.phase_num
             )
         else:
-            status, message = RunStatus.FAILED, str(exc) or type(exc).__name__
+            status, message = RunStatus.FAILED, describe(exc)
             ctx.logger.error("phase failed: %s", message, exc_info=exc)
         fresh = conn.closed or conn.invalidated  # the phase closed it: use another
         own = conn.engine.connect() if fresh else conn
@@ -719,8 +747,6 @@ class Executor:
         outcome = "queued again" if requeue else "marked failed"
         for run_id in swept:
             log.warning("run %s lost its runner; %s", run_id, outcome, extra={"run_id": run_id})
-        if swept and requeue:
-            self.wake()
         return swept
 
     def stop_claiming(self) -> None:

@@ -372,11 +372,12 @@ def delete_finished_before(
         .scalars()
         .all()
     )
-    if ids:
-        conn.execute(
-            sa.delete(runs_t).where(runs_t.c.id.in_(ids), _finished_before(cutoff, statuses))
-        )
-    return len(ids)
+    if not ids:
+        return 0
+    result = conn.execute(
+        sa.delete(runs_t).where(runs_t.c.id.in_(ids), _finished_before(cutoff, statuses))
+    )
+    return int(result.rowcount)
 
 
 # -- what the runner does -----------------------------------------------------

@@ -95,8 +95,9 @@ class Service:
     def stop(self, *, wait: bool = True) -> None:
         """Claim nothing new; with ``wait``, let the running runs finish first."""
         self.stop_claiming()
-        if wait and self.executor.active_runs():
-            log.info("waiting for %d running run(s) to finish", len(self.executor.active_runs()))
+        running = self.executor.active_runs()
+        if wait and running:
+            log.info("waiting for %d running run(s) to finish", len(running))
         self.executor.shutdown(wait=wait)
         if self._housekeeper is not None:
             self._housekeeper.join(5)
@@ -112,11 +113,14 @@ class Service:
             await anyio.to_thread.run_sync(self.stop)
 
     def sweep(self) -> list[int]:
-        return self.executor.sweep(
+        swept = self.executor.sweep(
             self.engine,
             lease_seconds=self.settings.lease_seconds,
             requeue=self.settings.auto_resume,
         )
+        if swept and self.settings.auto_resume and self.execute:
+            self.executor.wake()
+        return swept
 
     def _housekeeping(self) -> None:
         """Sweep lost runs now and then; pick up runs queued by other processes.
