@@ -155,3 +155,44 @@ def test_an_interrupted_wait_for_the_write_gate_leaves_the_queue(monkeypatch):
     monkeypatch.undo()
     gate.release()
     assert gate.acquire(0.5), "the gate was handed to a waiter that had left"
+
+
+def test_a_lock_retry_spends_none_of_the_phases_declared_retries(sqlite_url):
+    """A phase allowed one retry still gets it after an attempt lost to a foreign lock."""
+    from pipeline import phase
+
+    class Flaky(Exception):
+        pass
+
+    engine = db.create_engine(sqlite_url)
+    path = sqlite_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    in_phase, lock_taken = threading.Event(), threading.Event()
+    attempts = []
+
+    @phase(retries=1, backoff=0.01, retry_on=(Flaky,))
+    def busy_then_flaky(conn, ctx):
+        attempts.append(1)
+        in_phase.set()
+        assert lock_taken.wait(10)
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS t (x INTEGER)")  # 1st: busy
+        if len(attempts) == 2:
+            raise Flaky("once")  # 2nd: a declared failure; 3rd: success
+
+    executor = Executor(sqlite_url, [(1, "Busy then flaky", busy_then_flaky)], busy_timeout_ms=200)
+    run_id, thread = executor.start_reserved({})
+    try:
+        assert in_phase.wait(10)
+        holder.execute("BEGIN IMMEDIATE")
+        lock_taken.set()
+        release = threading.Timer(0.3, holder.rollback)
+        release.start()
+        thread.join(30)
+        release.join()
+    finally:
+        lock_taken.set()
+        holder.close()
+    run = read_run(engine, run_id)
+    engine.dispose()
+    assert run.status is RunStatus.COMPLETED, run.error_message
+    assert len(attempts) >= 3

@@ -127,6 +127,7 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy()
+BUSY_BACKOFF = RetryPolicy(backoff=0.2)
 F = TypeVar("F", bound=Callable[..., object])
 
 
@@ -546,17 +547,24 @@ class Executor:
         """
         policy = retry_policy(fn)
         attempt = 1
+        retried = {"busy": 0, "declared": 0}  # two budgets: a lock spends none of the phase's
         while True:
             attempt_started = time.monotonic()
             try:
                 status = self._run_phase(conn, ctx, fn, owner, following)
             except BaseException as exc:
-                delay = self._retry_delay(policy, exc, attempt)
-                if delay is None:
+                kind = self._retry_kind(policy, exc, retried)
+                if kind is None:
                     return self._record_end(conn, ctx, owner, exc)
+                retried[kind] += 1
+                backoff = policy if kind == "declared" else BUSY_BACKOFF
+                delay = backoff.delay(retried[kind])
+                what = describe(exc)
+                if not isinstance(exc, sa.exc.StatementError):
+                    what = f"{type(exc).__name__}: {what}"
                 ctx.warn(
-                    f"attempt {attempt} of phase {ctx.phase_num} failed "
-                    f"({type(exc).__name__}: {describe(exc)}); retrying in {delay:.1f}s"
+                    f"attempt {attempt} of phase {ctx.phase_num} failed ({what}); "
+                    f"retrying in {delay:.1f}s"
                 )
             else:
                 elapsed = time.monotonic() - attempt_started
@@ -570,13 +578,14 @@ class Executor:
                 return None
 
     @staticmethod
-    def _retry_delay(policy: RetryPolicy, exc: BaseException, attempt: int) -> float | None:
+    def _retry_kind(policy: RetryPolicy, exc: BaseException, retried: dict[str, int]) -> str | None:
+        """Which retry budget this failure may spend, if any."""
         if isinstance(exc, RunCancelled | runs.RunLost) or not isinstance(exc, Exception):
             return None
-        if isinstance(exc, db.DatabaseBusy) and attempt <= BUSY_RETRIES:
-            return RetryPolicy(backoff=0.2).delay(attempt)
-        if attempt <= policy.retries and isinstance(exc, policy.retry_on):
-            return policy.delay(attempt)
+        if isinstance(exc, db.DatabaseBusy) and retried["busy"] < BUSY_RETRIES:
+            return "busy"
+        if retried["declared"] < policy.retries and isinstance(exc, policy.retry_on):
+            return "declared"
         return None
 
     def _record_retry(self, conn: Connection, ctx: RunContext, owner: str) -> bool:
