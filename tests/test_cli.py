@@ -38,6 +38,17 @@ def pipeline(env, *args, phases="tests.registries:OK", timeout=60):
     )
 
 
+def run_wait_cancellable(env):
+    """`pipeline run --wait` of a phase that runs until cancelled (or killed)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--wait"],
+        env={**env, "PIPELINE_PHASES": "tests.registries:CANCELLABLE"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.parametrize(
     ("phases", "code", "status"),
     [
@@ -59,13 +70,7 @@ def test_run_wait_exit_code_tells_the_outcome(cli_env, engine, phases, code, sta
 
 def test_run_wait_interrupt_cancels_and_exits_2(cli_env, engine, tmp_path):
     """Ctrl-C during `run --wait` asks the run to stop; it ends cancelled and the exit code is 2."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--wait"],
-        env={**cli_env, "PIPELINE_PHASES": "tests.registries:CANCELLABLE"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = run_wait_cancellable(cli_env)
     try:
         wait_for(lambda: list(tmp_path.glob("running-*")), timeout=30)
         process.send_signal(signal.SIGINT)
@@ -161,13 +166,7 @@ def test_an_unmigrated_database_is_refused_with_the_fix(tmp_path):
 
 def test_second_interrupt_leaves_at_once(cli_env, engine, tmp_path):
     """A second Ctrl-C during `run --wait` exits 130 at once; the run is swept on the next start."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--wait"],
-        env={**cli_env, "PIPELINE_PHASES": "tests.registries:CANCELLABLE"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = run_wait_cancellable(cli_env)
     try:
         wait_for(lambda: list(tmp_path.glob("running-*")), timeout=30)
         # ignore the first request: the phase stays put until killed

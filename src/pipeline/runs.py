@@ -393,14 +393,6 @@ class Claimed:
     cancel_requested: bool
 
 
-def _owned(run_id: int, owner: str) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        runs_t.c.id == run_id,
-        runs_t.c.owner == owner,
-        runs_t.c.status == RunStatus.RUNNING.value,
-    )
-
-
 _b = sa.bindparam
 _claimable = sa.select(runs_t.c.id, runs_t.c.params, runs_t.c.started_at).where(
     runs_t.c.status == RunStatus.QUEUED.value
@@ -567,6 +559,22 @@ _CROSS_BOUNDARY = (
         attempts=sa.case((_is_done, phases_t.c.attempts), else_=phases_t.c.attempts + 1),
     )
 )
+_TOUCH_RUN = sa.update(runs_t).where(_OWNED).values(heartbeat_at=_b("b_now"))
+_COUNT_ATTEMPT = sa.update(phases_t).where(_THIS_PHASE).values(attempts=phases_t.c.attempts + 1)
+_END_RUN = (
+    sa.update(runs_t)
+    .where(_OWNED)
+    .values(
+        status=_b("b_status"),
+        error_message=_b("b_error"),
+        completed_at=_b("b_now"),
+        phase_progress_current=None,
+        phase_progress_total=None,
+    )
+)
+_END_PHASE = (
+    sa.update(phases_t).where(_THIS_PHASE).values(status=_b("b_status"), finished_at=_b("b_now"))
+)
 _CANCEL_AT_BOUNDARY = (
     sa.update(runs_t)
     .where(runs_t.c.id == _b("b_run"))
@@ -590,16 +598,10 @@ def _start_phase(conn: Connection, *, run_id: int, phase_num: int, now: dt.datet
 
 def retry_phase(conn: Connection, *, run_id: int, owner: str, phase_num: int) -> bool:
     """Count one more attempt of the phase in flight; False if the run is not ours any more."""
-    owned = conn.execute(
-        sa.update(runs_t).where(_owned(run_id, owner)).values(heartbeat_at=utcnow())
-    )
-    if owned.rowcount == 0:
+    params = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num, "b_now": utcnow()}
+    if conn.execute(_TOUCH_RUN, params).rowcount == 0:
         return False
-    conn.execute(
-        sa.update(phases_t)
-        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
-        .values(attempts=phases_t.c.attempts + 1)
-    )
+    conn.execute(_COUNT_ATTEMPT, params)
     return True
 
 
@@ -658,25 +660,18 @@ def end_run(
     Keeps the warnings that phase recorded. False if the run was not ours any more.
     """
     now = utcnow()
-    result = conn.execute(
-        sa.update(runs_t)
-        .where(_owned(run_id, owner))
-        .values(
-            status=status.value,
-            error_message=error_message,
-            completed_at=now,
-            phase_progress_current=None,
-            phase_progress_total=None,
-        )
-    )
-    if result.rowcount == 0:
+    params = {
+        "b_run": run_id,
+        "b_owner": owner,
+        "b_phase": phase_num,
+        "b_now": now,
+        "b_status": status.value,
+        "b_error": error_message,
+    }
+    if conn.execute(_END_RUN, params).rowcount == 0:
         return False
     add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings, now=now)
-    conn.execute(
-        sa.update(phases_t)
-        .where(phases_t.c.run_id == run_id, phases_t.c.phase_num == phase_num)
-        .values(status=status.value, finished_at=now)
-    )
+    conn.execute(_END_PHASE, params)
     return True
 
 
