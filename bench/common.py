@@ -267,6 +267,41 @@ def free_port() -> int:
         return port
 
 
+def spawn_until_healthy(
+    argv: Sequence[str], *, env: dict[str, str], log_path: Path, url: str, timeout: float
+) -> subprocess.Popen[bytes]:
+    """Start a server process logging to ``log_path``; return once ``url/healthz`` says 200.
+
+    One launcher for the benchmarks, the soak and the tests' real servers. A
+    process that exits early or never becomes healthy is killed and reported
+    with the end of its log.
+    """
+    import httpx2
+
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            list(argv), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited early:\n{tail_of_log(log_path)}")
+        with contextlib.suppress(httpx2.TransportError):
+            if httpx2.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process
+        time.sleep(0.05)
+    process.kill()
+    process.wait(30)
+    raise RuntimeError(f"the server did not become healthy:\n{tail_of_log(log_path)}")
+
+
+def tail_of_log(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -320,26 +355,13 @@ class BenchServer:
         return self.process.pid
 
     def start(self, timeout: float = 30.0) -> None:
-        import httpx2
-
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bench.server", "--port", str(self.port)],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the bench server exited early:\n{self.log_tail()}")
-            with contextlib.suppress(httpx2.TransportError):
-                if httpx2.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"the bench server did not become healthy:\n{self.log_tail()}")
+        self.process = spawn_until_healthy(
+            [sys.executable, "-m", "bench.server", "--port", str(self.port)],
+            env=self.env,
+            log_path=self.log_path,
+            url=self.base,
+            timeout=timeout,
+        )
 
     def stop(self, timeout: float = 20.0) -> None:
         """SIGTERM (runs finish), then SIGKILL if it is not gone in time."""
@@ -356,11 +378,8 @@ class BenchServer:
             self.process.kill()
             self.process.wait(30)
 
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+    def logtail_of_log(self, lines: int = 30) -> str:
+        return tail_of_log(self.log_path, lines)
 
 
 @contextlib.contextmanager

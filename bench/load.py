@@ -38,7 +38,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ import httpx2
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from bench.common import free_port, spawn_until_healthy, tail_of_log
 from pipeline import db
 from pipeline.check import check_database
 from pipeline.orchestrator import RunContext
@@ -200,18 +200,11 @@ class Options:
 # -- the server -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Server:
     """``pipeline serve`` in a subprocess on 127.0.0.1, logging to a file."""
 
     def __init__(self, db_url: str, log_path: Path, *, max_concurrent: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
@@ -226,25 +219,13 @@ class Server:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port)],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited early:\n{self.log_tail()}")
-            try:
-                if httpx2.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"the server did not become healthy:\n{self.log_tail()}")
+        self.process = spawn_until_healthy(
+            [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port)],
+            env=self.env,
+            log_path=self.log_path,
+            url=self.url,
+            timeout=timeout,
+        )
 
     def stop(self, timeout: float) -> int:
         """SIGTERM, then wait; a server that does not stop in time is killed (and reported)."""
@@ -262,12 +243,8 @@ class Server:
             self.process.kill()
             self.process.wait(30)
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+    def logtail_of_log(self, lines: int = 40) -> str:
+        return tail_of_log(self.log_path, lines)
 
 
 # -- the figures ----------------------------------------------------------------------
@@ -660,7 +637,7 @@ def run_load(options: Options, workdir: Path | None = None) -> dict[str, Any]:
                 warnings = conn.execute(sa.text("SELECT count(*) FROM run_warnings")).scalar_one()
         finally:
             engine.dispose()
-        log_tail = server.log_tail(60)
+        log_tail = server.logtail_of_log(60)
         log_text = server.log_path.read_text(errors="replace")
     report = _report(options, stats, idle, exit_code, elapsed, violations, by_state)
     report["warnings_recorded"] = warnings

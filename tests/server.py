@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 
 import httpx2
+from bench.common import free_port, spawn_until_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ServerProcess:
@@ -39,25 +31,14 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> ServerProcess:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
+        self.process = spawn_until_healthy(
             [sys.executable, "-m", "pipeline.cli", "serve", "--port", str(self.port)],
             env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            log_path=self.log_path,
+            url=self.url,
+            timeout=timeout,
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if httpx2.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx2.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+        return self
 
     def client(self) -> httpx2.Client:
         return httpx2.Client(base_url=self.url, timeout=30)
