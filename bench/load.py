@@ -398,8 +398,12 @@ class Load:
                             self.stats.contract(
                                 f"events of run {run_id}: an event after {last_status}"
                             )
-                        last_status = run.get("status")
+                        previous_status, last_status = last_status, run.get("status")
                         value = run.get("percent")
+                        if last_status == "queued" and previous_status == "running":
+                            # It ended and was resumed between two reads of the
+                            # stream (0.5 s apart): a new execution, a new baseline.
+                            percent = 0.0
                         if last_status not in TERMINAL and isinstance(value, int | float):
                             if value < percent:
                                 self.stats.contract(
