@@ -30,7 +30,8 @@ from bench.common import Row, Target, Workdir, count_status, interleaved, sqlite
 from bench.phases import NOOP5, WRITE5, noop
 from pipeline import db
 from pipeline.config import Settings
-from pipeline.orchestrator import Executor, Phase, RunContext, phase_labels, process_identity
+from pipeline.liveness import process_identity
+from pipeline.orchestrator import Executor, Phase, RunContext, phase_labels
 from pipeline.service import Service
 
 WAIT_LIMIT_SECONDS = 300.0

@@ -35,3 +35,6 @@ def record(conn: Connection, ctx: RunContext) -> None:
 
 
 PHASES = [(1, "Fetch", record), (2, "Analyze", record), (3, "Report", record)]
+
+# Four phases, for the fault drills (tests/test_drills.py: PIPELINE_PHASES=tests.ledger:FOUR).
+FOUR = [(1, "Fetch", record), (2, "Analyze", record), (3, "Score", record), (4, "Report", record)]

@@ -10,7 +10,7 @@ params: ``hold`` (phase numbers that wait on the test's gate), ``check_cancel``
 from __future__ import annotations
 
 import json
-import socket
+import os
 import sqlite3
 import threading
 import time
@@ -24,10 +24,11 @@ from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline import api, db, runs
+from pipeline import api, db, liveness, runs
 from pipeline.api import create_app
 from pipeline.config import Settings
-from pipeline.orchestrator import RunContext, process_identity
+from pipeline.liveness import process_identity
+from pipeline.orchestrator import RunContext
 from pipeline.schema import analysis_runs, run_phases
 from pipeline.service import Service
 
@@ -301,8 +302,11 @@ def noop(conn: Connection, ctx: RunContext) -> None:
 
 
 def live_owner() -> str:
-    """An owner string naming this very (live) process, as a runner of it would."""
-    return f"{process_identity()}:some-thread"
+    """An owner naming a live process of this host (the test's parent), as its runner would.
+
+    Not this process: here, a run that no runner of ours executes is lost.
+    """
+    return f"{process_identity(os.getppid())}:some-thread"
 
 
 # -- POST /runs ------------------------------------------------------------------------
@@ -955,7 +959,7 @@ def test_restart_fails_runs_of_dead_runners_and_spares_live_ones(h: Harness) -> 
     now = runs.utcnow()
     common = {"current_phase": 2, "phase_label": "B", "progress_current": 1, "progress_total": 3}
     common |= {"started_at": now, "heartbeat_at": now}
-    dead = f"{socket.gethostname()}:999999999:0:t"
+    dead = f"{liveness.HOST}:999999999:0:t"
     [orphan] = insert_runs(h.engine, ["running"], owner=dead, **common)
     [alive] = insert_runs(h.engine, ["running"], owner=live_owner(), **common)
     with db.write(h.engine) as conn:

@@ -127,7 +127,8 @@ def resume(url: str, run_id: int) -> None:
     engine = db.create_engine(url)
     try:
         with db.write(engine) as conn:
-            assert runs.resume(conn, run_id=run_id) is runs.Outcome.DONE
+            recorded = runs.recorded_phases(conn, run_id=run_id)
+            assert runs.resume(conn, run_id=run_id, phases=recorded) is runs.Outcome.DONE
     finally:
         engine.dispose()
 

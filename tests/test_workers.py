@@ -301,7 +301,7 @@ def test_run_of_a_silent_worker_on_another_host_is_taken_after_the_lease(
 
 def test_a_slow_worker_never_loses_its_run(db_url, engine, monkeypatch):
     """A phase far longer than the lease keeps its run: the heartbeat thread never waits on it."""
-    from pipeline import orchestrator
+    from pipeline import liveness
     from pipeline.config import Settings
     from pipeline.orchestrator import Executor
     from pipeline.service import Service
@@ -318,7 +318,7 @@ def test_a_slow_worker_never_loses_its_run(db_url, engine, monkeypatch):
     try:
         assert in_phase.wait(10)
         # Sweep as if from another machine, with a lease far shorter than the phase.
-        monkeypatch.setattr(orchestrator, "HOST", "another-machine")
+        monkeypatch.setattr(liveness, "HOST", "another-machine")
         sweeper = Service(
             Settings(database_url=db_url, lease_seconds=0.5), registry=PHASES, execute=False
         )

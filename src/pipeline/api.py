@@ -33,7 +33,7 @@ from pipeline import db
 from pipeline.config import Settings, get_settings
 from pipeline.metrics import Metrics
 from pipeline.orchestrator import Registry
-from pipeline.runs import Outcome, Run, RunStatus
+from pipeline.runs import Outcome, PhasesChanged, Run, RunStatus
 from pipeline.service import Service
 
 log = logging.getLogger("pipeline.api")
@@ -338,7 +338,10 @@ def create_router(service: Service) -> APIRouter:
     )
     def resume_run(run_id: RunId) -> dict[str, Any]:
         """Queue a failed or cancelled run again, from its first phase not completed."""
-        outcome, run = service.resume(run_id)
+        try:
+            outcome, run = service.resume(run_id)
+        except PhasesChanged as exc:
+            raise HTTPException(409, str(exc)) from None
         return act(outcome, run, run_id, "only failed or cancelled runs can resume")
 
     @router.get(

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 from pydantic import ValidationError
@@ -28,6 +28,7 @@ from pipeline.runs import RunStatus
 
 EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.FAILED: 1, RunStatus.CANCELLED: 2}
 GRACEFUL_HTTP_SECONDS = 10
+MAX_RUN_ID = 2**63 - 1  # run ids are 64-bit
 
 console = Console(stderr=True)
 
@@ -294,8 +295,25 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _run_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run id (a whole number)") from None
+    if not 1 <= value <= MAX_RUN_ID:
+        raise argparse.ArgumentTypeError(f"{text} is not a run id (1 to {MAX_RUN_ID})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    parser = _Parser(prog="pipeline", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="bring the database to the head migration")
@@ -307,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="execute here with live progress; exit 0 completed, 1 failed, 2 cancelled",
     )
     status = sub.add_parser("status", help="print one run as JSON")
-    status.add_argument("run_id", type=int)
+    status.add_argument("run_id", type=_run_id)
     serve = sub.add_parser("serve", help="the HTTP service and dashboard; runs execute here")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")

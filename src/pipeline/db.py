@@ -56,6 +56,16 @@ class DatabaseBusy(Exception):
     """
 
 
+class DatabaseUnavailable(DatabaseBusy):
+    """The connection to the database was lost, or none could be made (PostgreSQL).
+
+    A restarted server, a terminated backend, a network cut: like a lock, it
+    passes. The API answers 503 with ``Retry-After`` (it is a
+    :class:`DatabaseBusy`); the runner reconnects and reads what really
+    committed before it records anything.
+    """
+
+
 class _WriteGate:
     """A FIFO hand-off lock: the process's SQLite writers take the write lock in turn.
 
@@ -116,10 +126,20 @@ def is_sqlite(engine: Engine | Connection) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_engine(url: str, *, busy_timeout_ms: int = 5000, **kwargs: Any) -> Engine:
-    """Build an engine; SQLite ones get the pragmas and transaction rules above."""
+def create_engine(
+    url: str, *, busy_timeout_ms: int = 5000, lock_timeout_ms: int | None = None, **kwargs: Any
+) -> Engine:
+    """Build an engine; SQLite ones get the pragmas and transaction rules above.
+
+    ``lock_timeout_ms`` (PostgreSQL) bounds how long a statement waits for a
+    row lock: the API's engine sets it, so that no request waits on a phase's
+    locks (it becomes a 503); runners wait as long as they must.
+    """
     sa_url = sa.make_url(url)
     if sa_url.get_backend_name() != "sqlite":
+        if lock_timeout_ms is not None and sa_url.get_backend_name() == "postgresql":
+            options = f"-c lock_timeout={int(lock_timeout_ms)}"
+            kwargs.setdefault("connect_args", {}).setdefault("options", options)
         return sa.create_engine(sa_url, **kwargs)
     kwargs.setdefault("connect_args", {}).setdefault("check_same_thread", False)
     database = sa_url.database or ""
@@ -231,14 +251,34 @@ def is_lock_error(exc: BaseException) -> bool:
     return sqlstate in ("55P03", "40001", "40P01")
 
 
+# SQLSTATEs of a connection that is gone or cannot be had: class 08 (connection
+# exception) and the server shutting down, crashed or still starting (57P01-03).
+_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03")
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True when the database connection was lost or could not be made (not SQLite)."""
+    if not isinstance(exc, sa.exc.DBAPIError) or isinstance(exc.orig, sqlite3.Error):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_STATES
+    # psycopg says "connection refused" or "server closed the connection" with no state.
+    return isinstance(exc, sa.exc.OperationalError)
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
-    """Turn driver lock errors into :class:`DatabaseBusy`, in one place."""
+    """Turn driver lock and connection errors into :class:`DatabaseBusy`, in one place."""
     try:
         yield
     except (sa.exc.DBAPIError, sqlite3.OperationalError) as exc:
         if is_lock_error(exc):
             raise DatabaseBusy("the database is busy; try again shortly") from exc
+        if is_disconnect(exc):
+            raise DatabaseUnavailable("the database is unavailable; try again shortly") from exc
         raise
 
 

@@ -9,12 +9,9 @@ names the phase in flight (DESIGN.md, "One run's life").
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 import logging
-import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -25,9 +22,10 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline import db, runs
+from pipeline import db, liveness, runs
 from pipeline.metrics import Metrics
 from pipeline.runs import RunStatus
+from pipeline.schema import MAX_COUNTER
 
 log = logging.getLogger("pipeline.orchestrator")
 
@@ -126,8 +124,13 @@ class RetryPolicy:
         return base / 2 + random.uniform(0, base / 2)
 
 
+# A phase whose connection was lost, and whose attempt did not commit (the
+# runner reads that after reconnecting), is tried again this many times.
+CONNECTION_RETRIES = 3
+
 NO_RETRY = RetryPolicy()
 BUSY_BACKOFF = RetryPolicy(backoff=0.2)
+RECONNECT_BACKOFF = RetryPolicy(backoff=0.5)
 F = TypeVar("F", bound=Callable[..., object])
 
 
@@ -210,18 +213,19 @@ class RunContext:
     def progress(self, current: int, total: int | None = None) -> None:
         """Sub-progress inside the phase; cheap, never blocks, never raises.
 
-        Nonsense is clamped (negative, beyond the total) or ignored (a total
-        of zero or less, a value that is not a number), and a fraction that
-        would go backwards is ignored, so the run's percent never drops.
+        Nonsense is clamped (negative, beyond the total, beyond what the
+        database stores: 2**63-1) or ignored (a total of zero or less, a value
+        that is not a number), and a fraction that would go backwards is
+        ignored, so the run's percent never drops.
         """
         try:
             cur = int(current)
-            tot = None if total is None else int(total)
+            tot = None if total is None else min(int(total), MAX_COUNTER)
         except (TypeError, ValueError, OverflowError):
             return
         if tot is not None and tot <= 0:
             tot = None
-        cur = max(cur, 0)
+        cur = min(max(cur, 0), MAX_COUNTER)
         if tot is not None:
             cur = min(cur, tot)
         if self._goes_backwards(cur, tot):
@@ -261,58 +265,6 @@ class RunContext:
 # -- who runs what --------------------------------------------------------------
 
 
-def _process_start() -> str:
-    """The process's start time in clock ticks since boot: tells a reused pid apart."""
-    return _read_start(os.getpid()) or "0"
-
-
-def _read_start(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-HOST = socket.gethostname()
-
-
-def process_identity() -> str:
-    return f"{HOST}:{os.getpid()}:{_process_start()}"
-
-
-def why_owner_is_dead(
-    owner: str, heartbeat_at: dt.datetime | None, *, lease_seconds: float
-) -> str | None:
-    """How a run's owner was lost, or None while it may be alive.
-
-    On this host we know: the process is gone (or its pid now belongs to a
-    younger process) means "interrupted", and a live process is never
-    touched, however slow. Elsewhere only the heartbeat tells: silent for
-    longer than the lease means "worker lost".
-    """
-    try:
-        host, pid_text, started, _thread = owner.split(":", 3)
-        pid = int(pid_text)
-    except ValueError:
-        return None
-    if host == HOST:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return "interrupted"
-        except PermissionError:
-            pass
-        actual = _read_start(pid)
-        reused = actual is not None and started != "0" and actual != started
-        return "interrupted" if reused else None
-    if heartbeat_at is None:
-        return None
-    silent = (runs.utcnow() - heartbeat_at).total_seconds()
-    return "worker lost" if silent > lease_seconds else None
-
-
 def describe(exc: BaseException) -> str:
     """What a client may read about an exception: its message, never SQL; never raises.
 
@@ -332,19 +284,34 @@ def describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+# How long bookkeeping keeps trying to reach a database that went away (a
+# restart takes seconds); after that the sweep settles what is left.
+RECONNECT_SECONDS = 30.0
+
+
 def _retry_on_lock(action: Callable[[], T], *, what: str, attempts: int = 6) -> T:
-    """Bookkeeping writes wait out a transient lock (exponential backoff, jitter)."""
+    """Bookkeeping writes wait out a transient lock or a lost connection (backoff, jitter).
+
+    A lock is tried ``attempts`` times; a database that is unavailable, for
+    up to ``RECONNECT_SECONDS``.
+    """
     delay = 0.05
-    for attempt in range(1, attempts + 1):
+    deadline = time.monotonic() + RECONNECT_SECONDS
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             return action()
+        except db.DatabaseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("%s: database unavailable, retrying (attempt %d)", what, attempt)
         except db.DatabaseBusy:
-            if attempt == attempts:
+            if attempt >= attempts:
                 raise
             log.warning("%s: database busy, retrying (attempt %d)", what, attempt)
-            time.sleep(delay * (1 + random.random()))
-            delay = min(delay * 2, 2.0)
-    raise AssertionError("unreachable")
+        time.sleep(delay * (1 + random.random()))
+        delay = min(delay * 2, 2.0)
 
 
 @contextmanager
@@ -378,15 +345,16 @@ class Executor:
         self.max_concurrent = max_concurrent
         self.heartbeat_seconds = heartbeat_seconds
         self.busy_timeout_ms = busy_timeout_ms
-        self.identity = process_identity()
+        self.identity = liveness.process_identity()
         self._lock = threading.Lock()
         self._active: dict[int, tuple[RunContext, str]] = {}
         self._threads: set[threading.Thread] = set()
         self._runners = 0
         self._recheck = False
         self._stopping = threading.Event()
-        self._beat_wake = threading.Event()
-        self._beat_thread: threading.Thread | None = None
+        self._heartbeat = liveness.Heartbeat(
+            url, interval=heartbeat_seconds, beats=self._beats, on_cancel=self.notify_cancel
+        )
         self._serial = 0
 
     # -- starting runs --
@@ -413,10 +381,18 @@ class Executor:
         self._start(thread)
         return run_id, thread
 
-    @staticmethod
-    def _insert(engine: Engine, params: Mapping[str, Any], *, owner: str | None) -> int:
-        with db.write(engine) as conn:
-            return runs.create_run(conn, params=params, owner=owner).id
+    def _insert(self, engine: Engine, params: Mapping[str, Any], *, owner: str) -> int:
+        """Insert a reserved run, held for this process before anyone can see it."""
+        run_id = None
+        try:
+            with db.write(engine) as conn:
+                run_id = runs.create_run(conn, params=params, owner=owner).id
+                liveness.EXECUTING.hold(self.url, run_id)
+        except BaseException:
+            if run_id is not None:
+                liveness.EXECUTING.release(self.url, run_id)
+            raise
+        return run_id
 
     def wake(self) -> None:
         """Make sure queued runs get a runner, up to the concurrency limit."""
@@ -493,15 +469,33 @@ class Executor:
         labels = phase_labels(self.registry)
 
         def claim() -> runs.Claimed | None:
-            with _tx(conn):
-                return runs.claim(conn, owner=owner, phases=labels, run_id=run_id)
+            # Held inside the transaction: once the claim is visible, so is the hold.
+            claimed = None
+            try:
+                with _tx(conn):
+                    claimed = runs.claim(conn, owner=owner, phases=labels, run_id=run_id)
+                    if claimed is not None:
+                        liveness.EXECUTING.hold(self.url, claimed.run_id)
+            except BaseException:
+                if claimed is not None:
+                    liveness.EXECUTING.release(self.url, claimed.run_id)
+                raise
+            return claimed
 
-        claimed = _retry_on_lock(claim, what="claim a run")
+        claimed = None
+        try:
+            claimed = _retry_on_lock(claim, what="claim a run")
+        finally:
+            if claimed is None and run_id is not None:  # held since its creation
+                liveness.EXECUTING.release(self.url, run_id)
         if claimed is None:
             return False
         if run_id is None:
             thread.name = f"pipeline-run-{claimed.run_id}"
-        self._execute(conn, claimed, owner)
+        try:
+            self._execute(conn, claimed, owner)
+        finally:  # from now on a run still running with us as owner is lost
+            liveness.EXECUTING.release(self.url, claimed.run_id)
         return True
 
     def _execute(self, conn: Connection, claimed: runs.Claimed, owner: str) -> None:
@@ -513,7 +507,7 @@ class Executor:
         try:
             with self._lock:
                 self._active[claimed.run_id] = (ctx, owner)
-            self._ensure_heartbeat()
+            self._heartbeat.ensure_running()
             for index in range(claimed.first_phase - 1, len(self.registry)):
                 num, label, fn = self.registry[index]
                 following = self.registry[index + 1] if index + 1 < len(self.registry) else None
@@ -547,17 +541,25 @@ class Executor:
         """
         policy = retry_policy(fn)
         attempt = 1
-        retried = {"busy": 0, "declared": 0}  # two budgets: a lock spends none of the phase's
+        # Three budgets: a lock or a lost connection spends none of the phase's own.
+        retried = {"busy": 0, "connection": 0, "declared": 0}
         while True:
             attempt_started = time.monotonic()
             try:
                 status = self._run_phase(conn, ctx, fn, owner, following)
             except BaseException as exc:
+                if isinstance(exc, db.DatabaseUnavailable):
+                    try:
+                        committed = self._committed_after_all(conn, ctx, owner)
+                    except Exception as truth:  # not ours any more, or still unreachable
+                        return self._record_end(conn, ctx, owner, truth)
+                    if committed is not None:
+                        return committed
                 kind = self._retry_kind(policy, exc, retried)
                 if kind is None:
                     return self._record_end(conn, ctx, owner, exc)
                 retried[kind] += 1
-                backoff = policy if kind == "declared" else BUSY_BACKOFF
+                backoff = {"declared": policy, "busy": BUSY_BACKOFF}.get(kind, RECONNECT_BACKOFF)
                 delay = backoff.delay(retried[kind])
                 what = describe(exc)
                 if not isinstance(exc, sa.exc.StatementError):
@@ -582,6 +584,8 @@ class Executor:
         """Which retry budget this failure may spend, if any."""
         if isinstance(exc, RunCancelled | runs.RunLost) or not isinstance(exc, Exception):
             return None
+        if isinstance(exc, db.DatabaseUnavailable):
+            return "connection" if retried["connection"] < CONNECTION_RETRIES else None
         if isinstance(exc, db.DatabaseBusy) and retried["busy"] < BUSY_RETRIES:
             return "busy"
         if retried["declared"] < policy.retries and isinstance(exc, policy.retry_on):
@@ -629,6 +633,7 @@ class Executor:
                 phase_num=ctx.phase_num,
                 next_phase=None if following is None else (following[0], following[1]),
                 warnings=ctx._phase_warnings(),
+                cancel=ctx.cancel_requested,
             )
 
     def _record_end(
@@ -649,13 +654,16 @@ class Executor:
         else:
             status, message = RunStatus.FAILED, describe(exc)
             ctx.logger.error("phase failed: %s", message, exc_info=exc)
-        fresh = conn.closed or conn.invalidated  # the phase closed it: use another
-        own = conn.engine.connect() if fresh else conn
+        own = conn
         try:
             if own.in_transaction():
                 own.rollback()
 
             def write() -> bool:
+                nonlocal own
+                if own.closed:  # the phase closed it: use another
+                    with db.translate_errors():
+                        own = conn.engine.connect()
                 with _tx(own):
                     return runs.end_run(
                         own,
@@ -671,11 +679,34 @@ class Executor:
                 return status
             ctx.logger.error("run was no longer owned by this runner; its end was not recorded")
         except BaseException:
-            ctx.logger.exception("could not record the end of the run")
+            ctx.logger.exception("could not record the end of the run; the sweep will end it")
         finally:
-            if fresh:
+            if own is not conn:
                 own.close()
         return None
+
+    def _committed_after_all(
+        self, conn: Connection, ctx: RunContext, owner: str
+    ) -> RunStatus | None:
+        """After a lost connection: the run's status if the phase committed, else None.
+
+        The connection may have dropped while the COMMIT was on its way, or
+        with its answer: only the database knows whether the phase's
+        transaction committed. Reconnect (for a while) and read it before
+        anything is recorded, so a committed phase is never failed, and never
+        run again. Raises :class:`runs.RunLost` if the run is not ours now.
+        """
+
+        def read() -> RunStatus | None:
+            with _tx(conn):
+                return runs.phase_committed(
+                    conn, run_id=ctx.run_id, owner=owner, phase_num=ctx.phase_num
+                )
+
+        status = _retry_on_lock(read, what=f"read whether run {ctx.run_id}'s phase committed")
+        if status is not None:
+            ctx.logger.warning("the connection was lost at the commit; the phase had committed")
+        return status
 
     # -- in-process views --
 
@@ -694,68 +725,36 @@ class Executor:
         with self._lock:
             return list(self._active)
 
-    # -- heartbeat --
+    # -- liveness --
 
-    def _ensure_heartbeat(self) -> None:
+    def _beats(self) -> list[liveness.Beat]:
         with self._lock:
-            if self._beat_thread is not None:
-                return
-            self._beat_thread = threading.Thread(
-                target=self._heartbeat_loop, name="pipeline-heartbeat", daemon=True
-            )
-            self._beat_thread.start()
-
-    def _heartbeat_loop(self) -> None:
-        """Write heartbeats and throttled sub-progress; never on a phase's thread.
-
-        One write per run per ``heartbeat_seconds``, whatever the phase's
-        progress() call rate; its answer carries cancel requests made by other
-        processes to the phases here. It gives up at once when SQLite's lock
-        is busy (a phase is writing): the next tick writes instead, and the API
-        of this process reads the in-memory progress meanwhile.
-        """
-        engine = db.create_engine(self.url, busy_timeout_ms=0)
-        try:
-            while not self._beat_wake.wait(self.heartbeat_seconds):
-                with self._lock:
-                    active = dict(self._active)
-                    if not active:
-                        self._beat_thread = None
-                        return
-                beats = [
-                    runs.Beat(run_id, owner, *ctx._progress)
-                    for run_id, (ctx, owner) in active.items()
-                ]
-                try:
-                    with db.write(engine) as conn:
-                        answer = runs.heartbeat(conn, beats=beats)
-                except db.DatabaseBusy:
-                    continue
-                except Exception:
-                    log.exception("heartbeat failed; will try again")
-                    continue
-                for run_id, cancel in answer.items():
-                    if cancel:
-                        active[run_id][0]._cancel.set()
-        finally:
-            engine.dispose()
-
-    # -- housekeeping --
+            return [
+                liveness.Beat(run_id, owner, *ctx._progress)
+                for run_id, (ctx, owner) in self._active.items()
+            ]
 
     def sweep(self, engine: Engine, *, lease_seconds: float, requeue: bool = False) -> list[int]:
         """End runs whose runner is gone (DESIGN, "One run's life", step 7)."""
 
-        def why_dead(owner: str, heartbeat_at: dt.datetime | None) -> str | None:
-            return why_owner_is_dead(owner, heartbeat_at, lease_seconds=lease_seconds)
+        def why_dead(row: Any, now: Any) -> str | None:
+            return liveness.why_lost(
+                row.owner,
+                row.heartbeat_at,
+                now=now,
+                lease_seconds=lease_seconds,
+                executing_here=lambda: (self.url, row.id) in liveness.EXECUTING,
+            )
 
         def write() -> list[int]:
             with db.write(engine) as conn:
-                return runs.sweep_interrupted(conn, why_dead=why_dead, requeue=requeue)
+                return liveness.sweep(conn, why_dead=why_dead, requeue=requeue)
 
         swept = _retry_on_lock(write, what="sweep interrupted runs")
-        outcome = "queued again" if requeue else "marked failed"
         for run_id in swept:
-            log.warning("run %s lost its runner; %s", run_id, outcome, extra={"run_id": run_id})
+            log.warning(
+                "run %s lost its runner; ended or queued again", run_id, extra={"run_id": run_id}
+            )
         return swept
 
     def stop_claiming(self) -> None:
@@ -778,7 +777,7 @@ class Executor:
                 thread.join(remaining)
             if deadline is not None and time.monotonic() >= deadline:
                 break
-        self._beat_wake.set()
+        self._heartbeat.stop()
         with self._lock:
             return not self._threads
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
 from pipeline.schema import analysis_runs as runs_t
+from pipeline.schema import db_now
 from pipeline.schema import run_phases as phases_t
 from pipeline.schema import run_warnings as warnings_t
 
@@ -36,6 +37,7 @@ class RunStatus(enum.StrEnum):
 
 
 def utcnow() -> dt.datetime:
+    """This machine's clock; what is written to the database uses the database's (``db_now``)."""
     return dt.datetime.now(dt.UTC)
 
 
@@ -243,10 +245,15 @@ def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
 
 
 def get_status(conn: Connection, *, run_id: int, for_update: bool = False) -> RunStatus | None:
-    """The run's status; ``for_update`` locks the row (PostgreSQL) until the transaction ends."""
+    """The run's status; ``for_update`` locks the row (PostgreSQL) until the transaction ends.
+
+    The lock is ``FOR NO KEY UPDATE``: a phase that inserted rows referencing
+    its run holds ``FOR KEY SHARE`` on it, which ``FOR UPDATE`` would wait
+    for until the phase commits (and the cancel would come too late).
+    """
     query = sa.select(runs_t.c.status).where(runs_t.c.id == run_id)
     if for_update:
-        query = query.with_for_update()
+        query = query.with_for_update(key_share=True)
     value = conn.execute(query).scalar()
     return None if value is None else RunStatus(value)
 
@@ -262,18 +269,22 @@ def count_by_status(conn: Connection) -> dict[RunStatus, int]:
 # -- what clients do ----------------------------------------------------------
 
 
-_CREATE_RUN = sa.insert(runs_t).returning(*_RUN_COLUMNS)
+_CREATE_RUN = sa.insert(runs_t).values(created_at=db_now()).returning(*_RUN_COLUMNS)
+# A reserved run has a heartbeat from its creation, so that other hosts can tell
+# when the process that reserved it died before starting it.
+_RESERVE_RUN = (
+    sa.insert(runs_t).values(created_at=db_now(), heartbeat_at=db_now()).returning(*_RUN_COLUMNS)
+)
 
 
 def create_run(conn: Connection, *, params: Mapping[str, Any], owner: str | None = None) -> Run:
     """Insert a queued run and return it; with ``owner`` it is reserved for that process."""
     row = conn.execute(
-        _CREATE_RUN,
+        _CREATE_RUN if owner is None else _RESERVE_RUN,
         {
             "status": RunStatus.QUEUED.value,
             "params": dict(params),
             "progress_current": 0,
-            "created_at": utcnow(),
             "owner": owner,
         },
     )
@@ -290,7 +301,7 @@ class Outcome(enum.Enum):
 
 def request_cancel(conn: Connection, *, run_id: int) -> Outcome:
     """A queued run is cancelled at once; a running one is asked to stop."""
-    now = utcnow()
+    now = db_now()
     status = get_status(conn, run_id=run_id, for_update=True)
     if status is None:
         return Outcome.NOT_FOUND
@@ -316,13 +327,56 @@ def request_cancel(conn: Connection, *, run_id: int) -> Outcome:
     return Outcome.DONE
 
 
-def resume(conn: Connection, *, run_id: int) -> Outcome:
-    """Put a failed or cancelled run back in the queue; completed phases stay done."""
+class PhasesChanged(Exception):
+    """The run was started with other phases than its pipeline has now."""
+
+
+def describe_phase_changes(
+    recorded: Sequence[tuple[int, str]], current: Sequence[tuple[int, str]]
+) -> str | None:
+    """What differs between the phases a run started with and the pipeline's now, or None."""
+    if list(recorded) == list(current):
+        return None
+    changes = []
+    if len(recorded) != len(current):
+        changes.append(
+            f"it was started with {len(recorded)} phases, the pipeline now has {len(current)}"
+        )
+    now = dict(current)
+    for num, label in recorded:
+        if num in now and now[num] != label:
+            changes.append(f"phase {num} was {label!r}, now {now[num]!r}")
+    return "the pipeline's phases changed since this run started: " + "; ".join(changes)
+
+
+_RECORDED_PHASES = (
+    sa.select(phases_t.c.phase_num, phases_t.c.label)
+    .where(phases_t.c.run_id == sa.bindparam("b_run"))
+    .order_by(phases_t.c.phase_num)
+)
+
+
+def recorded_phases(conn: Connection, *, run_id: int) -> list[tuple[int, str]]:
+    """The (num, label) list a run was started with; empty if it never started."""
+    return [(num, label) for num, label in conn.execute(_RECORDED_PHASES, {"b_run": run_id})]
+
+
+def resume(conn: Connection, *, run_id: int, phases: Sequence[tuple[int, str]]) -> Outcome:
+    """Put a failed or cancelled run back in the queue; completed phases stay done.
+
+    Raises :class:`PhasesChanged` when the run started with other phases than
+    ``phases`` (the pipeline's now): continuing would run them under the
+    wrong numbers or labels.
+    """
     status = get_status(conn, run_id=run_id, for_update=True)
     if status is None:
         return Outcome.NOT_FOUND
     if status not in (RunStatus.FAILED, RunStatus.CANCELLED):
         return Outcome.CONFLICT
+    recorded = recorded_phases(conn, run_id=run_id)
+    change = describe_phase_changes(recorded, phases) if recorded else None
+    if change is not None:
+        raise PhasesChanged(change)
     conn.execute(
         sa.update(runs_t)
         .where(runs_t.c.id == run_id)
@@ -398,7 +452,7 @@ _claimable = sa.select(runs_t.c.id, runs_t.c.params, runs_t.c.started_at).where(
     runs_t.c.status == RunStatus.QUEUED.value
 )
 _NEXT_QUEUED = (
-    _claimable.where(runs_t.c.owner.is_(None))
+    _claimable.where(runs_t.c.owner.is_(None), runs_t.c.id > _b("b_after"))
     .order_by(runs_t.c.id)
     .limit(1)
     .with_for_update(skip_locked=True)
@@ -406,7 +460,7 @@ _NEXT_QUEUED = (
 _RESERVED = _claimable.where(
     runs_t.c.id == _b("b_run"), runs_t.c.owner == _b("b_owner")
 ).with_for_update(skip_locked=True)
-_PHASE_STATUSES = sa.select(phases_t.c.phase_num, phases_t.c.status).where(
+_PHASE_STATUSES = sa.select(phases_t.c.phase_num, phases_t.c.label, phases_t.c.status).where(
     phases_t.c.run_id == _b("b_run")
 )
 _INSERT_PHASE = sa.insert(phases_t)
@@ -415,7 +469,7 @@ _MARK_RUNNING = (
     .where(runs_t.c.id == _b("b_run"))
     .values(
         status=RunStatus.RUNNING.value,
-        started_at=sa.func.coalesce(runs_t.c.started_at, _b("b_now")),
+        started_at=sa.func.coalesce(runs_t.c.started_at, db_now()),
         current_phase=_b("b_phase"),
         phase_label=_b("b_label"),
         progress_current=_b("b_done"),
@@ -423,9 +477,9 @@ _MARK_RUNNING = (
         phase_progress_current=None,
         phase_progress_total=None,
         owner=_b("b_owner"),
-        heartbeat_at=_b("b_now"),
+        heartbeat_at=db_now(),
     )
-    .returning(runs_t.c.cancel_requested_at)
+    .returning(runs_t.c.cancel_requested_at, runs_t.c.heartbeat_at)
 )
 
 
@@ -440,66 +494,63 @@ def claim(
 
     Call it in a write transaction: ``BEGIN IMMEDIATE`` on SQLite, and
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, make it safe for many claimers.
+    A resumed run whose recorded phases differ from ``phases`` is never
+    executed under the wrong labels: it is left queued for an executor that
+    has its phases (one not yet upgraded, say).
     """
-    if run_id is None:
-        row = conn.execute(_NEXT_QUEUED).first()
-    else:
-        row = conn.execute(_RESERVED, {"b_run": run_id, "b_owner": owner}).first()
-    if row is None:
-        return None
-    now = utcnow()
+    after = 0
+    while True:
+        if run_id is None:
+            row = conn.execute(_NEXT_QUEUED, {"b_after": after}).first()
+        else:
+            row = conn.execute(_RESERVED, {"b_run": run_id, "b_owner": owner}).first()
+        if row is None:
+            return None
+        claimed = _claim_row(conn, row, owner=owner, phases=phases)
+        if claimed is not None or run_id is not None:
+            return claimed
+        after = row.id
+
+
+def _claim_row(
+    conn: Connection, row: Any, *, owner: str, phases: Sequence[tuple[int, str]]
+) -> Claimed | None:
     known: dict[int, str] = {}
-    if row.started_at is not None:  # a resumed run: its phase rows say where it stands
-        known = {num: status for num, status in conn.execute(_PHASE_STATUSES, {"b_run": row.id})}
-    stale = [num for num in known if num > len(phases)]
-    if stale:  # the registry lost phases since this run last ran: they mean nothing now
-        conn.execute(
-            sa.delete(phases_t).where(phases_t.c.run_id == row.id, phases_t.c.phase_num.in_(stale))
-        )
-    missing = [(num, label) for num, label in phases if num not in known]
-    if missing:
+    if row.started_at is None:  # its first start: the phase rows it will keep
         conn.execute(
             _INSERT_PHASE,
             [
                 {"run_id": row.id, "phase_num": n, "label": lb, "status": "pending", "attempts": 0}
-                for n, lb in missing
+                for n, lb in phases
             ],
         )
-    first = next((n for n, _ in phases if known.get(n) != "completed"), None)
-    if first is None:  # every phase already committed: nothing left to do
-        conn.execute(
-            sa.update(runs_t)
-            .where(runs_t.c.id == row.id)
-            .values(
-                status=RunStatus.COMPLETED.value,
-                progress_current=len(phases),
-                progress_total=len(phases),
-                completed_at=now,
-                started_at=sa.func.coalesce(runs_t.c.started_at, now),
-            )
-        )
-        return None
+    else:  # a resumed run: its phase rows say where it stands
+        rows = conn.execute(_PHASE_STATUSES, {"b_run": row.id}).all()
+        if describe_phase_changes(sorted((r.phase_num, r.label) for r in rows), phases):
+            return None
+        known = {r.phase_num: r.status for r in rows}
+    first = next(n for n, _ in phases if known.get(n) != "completed")
     result = conn.execute(
         _MARK_RUNNING,
         {
             "b_run": row.id,
-            "b_now": now,
             "b_phase": first,
             "b_label": dict(phases)[first],
             "b_done": first - 1,
             "b_total": len(phases),
             "b_owner": owner,
         },
-    )
-    cancel_requested = result.scalar() is not None
-    _start_phase(conn, run_id=row.id, phase_num=first, now=now)
-    return Claimed(row.id, row.params, first, cancel_requested)
+    ).one()
+    conn.execute(_START_PHASE, {"b_run": row.id, "b_phase": first, "b_now": result.heartbeat_at})
+    return Claimed(row.id, row.params, first, result.cancel_requested_at is not None)
 
 
 # -- the runner's hot path: statements built once --------------------------------
 # Building a Core statement per call cost more than executing it: 250 of the
 # 600 µs of a phase boundary (bench "boundary cost"). These are built at import
-# and executed with bound parameters.
+# and executed with bound parameters. Timestamps are the database's clock: the
+# first statement of a boundary takes it (``db_now``) and returns it, and the
+# others reuse that value, so that a phase never finishes after its run.
 
 _OWNED = sa.and_(
     runs_t.c.id == _b("b_run"),
@@ -529,9 +580,9 @@ _ADVANCE_RUN = (
         progress_current=_b("b_phase"),
         phase_progress_current=None,
         phase_progress_total=None,
-        heartbeat_at=_b("b_now"),
+        heartbeat_at=db_now(),
     )
-    .returning(runs_t.c.cancel_requested_at)
+    .returning(runs_t.c.cancel_requested_at, runs_t.c.heartbeat_at.label("now"))
 )
 _COMPLETE_RUN = (
     sa.update(runs_t)
@@ -539,11 +590,11 @@ _COMPLETE_RUN = (
     .values(
         status=RunStatus.COMPLETED.value,
         progress_current=_b("b_phase"),
-        completed_at=_b("b_now"),
+        completed_at=db_now(),
         phase_progress_current=None,
         phase_progress_total=None,
     )
-    .returning(runs_t.c.cancel_requested_at)
+    .returning(runs_t.c.cancel_requested_at, runs_t.c.completed_at.label("now"))
 )
 # The common boundary in one statement: phase k completed, phase k+1 running.
 _is_done = phases_t.c.phase_num == _b("b_phase")
@@ -559,18 +610,25 @@ _CROSS_BOUNDARY = (
         attempts=sa.case((_is_done, phases_t.c.attempts), else_=phases_t.c.attempts + 1),
     )
 )
-_TOUCH_RUN = sa.update(runs_t).where(_OWNED).values(heartbeat_at=_b("b_now"))
+_TOUCH_RUN = sa.update(runs_t).where(_OWNED).values(heartbeat_at=db_now())
 _COUNT_ATTEMPT = sa.update(phases_t).where(_THIS_PHASE).values(attempts=phases_t.c.attempts + 1)
+_is_cancel = _b("b_cancel", type_=sa.Boolean)
 _END_RUN = (
     sa.update(runs_t)
     .where(_OWNED)
     .values(
         status=_b("b_status"),
         error_message=_b("b_error"),
-        completed_at=_b("b_now"),
+        completed_at=db_now(),
+        # A cancel honoured in this process may not have reached the row yet.
+        cancel_requested_at=sa.case(
+            (_is_cancel, sa.func.coalesce(runs_t.c.cancel_requested_at, db_now())),
+            else_=runs_t.c.cancel_requested_at,
+        ),
         phase_progress_current=None,
         phase_progress_total=None,
     )
+    .returning(runs_t.c.completed_at)
 )
 _END_PHASE = (
     sa.update(phases_t).where(_THIS_PHASE).values(status=_b("b_status"), finished_at=_b("b_now"))
@@ -578,27 +636,25 @@ _END_PHASE = (
 _CANCEL_AT_BOUNDARY = (
     sa.update(runs_t)
     .where(runs_t.c.id == _b("b_run"))
-    .values(status=RunStatus.CANCELLED.value, completed_at=_b("b_now"))
-)
-_BEAT = (
-    sa.update(runs_t)
-    .where(_OWNED, runs_t.c.current_phase == _b("b_phase"))
     .values(
-        heartbeat_at=_b("b_now"),
-        phase_progress_current=_b("b_current"),
-        phase_progress_total=_b("b_total"),
+        status=RunStatus.CANCELLED.value,
+        completed_at=_b("b_now"),
+        cancel_requested_at=sa.func.coalesce(runs_t.c.cancel_requested_at, _b("b_now")),
     )
-    .returning(runs_t.c.cancel_requested_at)
 )
-
-
-def _start_phase(conn: Connection, *, run_id: int, phase_num: int, now: dt.datetime) -> None:
-    conn.execute(_START_PHASE, {"b_run": run_id, "b_phase": phase_num, "b_now": now})
+# What a runner reads after its connection was lost mid-phase: did the phase
+# commit? The row lock waits for the old transaction, should it still be alive.
+_PHASE_TRUTH = (
+    sa.select(phases_t.c.status.label("phase_status"), runs_t.c.status, runs_t.c.owner)
+    .select_from(phases_t.join(runs_t, runs_t.c.id == phases_t.c.run_id))
+    .where(_THIS_PHASE)
+    .with_for_update(of=runs_t, key_share=True)
+)
 
 
 def retry_phase(conn: Connection, *, run_id: int, owner: str, phase_num: int) -> bool:
     """Count one more attempt of the phase in flight; False if the run is not ours any more."""
-    params = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num, "b_now": utcnow()}
+    params = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num}
     if conn.execute(_TOUCH_RUN, params).rowcount == 0:
         return False
     conn.execute(_COUNT_ATTEMPT, params)
@@ -617,15 +673,16 @@ def finish_phase(
     phase_num: int,
     next_phase: tuple[int, str] | None,
     warnings: Sequence[str],
+    cancel: bool = False,
 ) -> RunStatus:
     """Record phase ``phase_num`` complete and cross the boundary to the next one.
 
     Runs inside the phase's own transaction, so the phase's writes and this
     record commit together. Returns the run's status after the boundary:
-    running, completed, or cancelled (a cancel request waiting at this boundary).
+    running, completed, or cancelled (a cancel request waiting at this
+    boundary: recorded in the row, or ``cancel`` known in this process).
     """
-    now = utcnow()
-    params: dict[str, Any] = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num, "b_now": now}
+    params: dict[str, Any] = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num}
     if next_phase is None:
         row = conn.execute(_COMPLETE_RUN, params).first()
     else:
@@ -633,11 +690,12 @@ def finish_phase(
         row = conn.execute(_ADVANCE_RUN, params).first()
     if row is None:
         raise RunLost(f"run {run_id} is no longer owned by this runner")
-    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings, now=now)
+    params["b_now"] = row.now
+    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
     if next_phase is None:
         conn.execute(_COMPLETE_PHASE, params)
         return RunStatus.COMPLETED
-    if row.cancel_requested_at is not None:
+    if cancel or row.cancel_requested_at is not None:
         conn.execute(_COMPLETE_PHASE, params)
         conn.execute(_CANCEL_AT_BOUNDARY, params)
         return RunStatus.CANCELLED
@@ -659,138 +717,50 @@ def end_run(
 
     Keeps the warnings that phase recorded. False if the run was not ours any more.
     """
-    now = utcnow()
-    params = {
+    params: dict[str, Any] = {
         "b_run": run_id,
         "b_owner": owner,
         "b_phase": phase_num,
-        "b_now": now,
         "b_status": status.value,
         "b_error": error_message,
+        "b_cancel": status is RunStatus.CANCELLED,
     }
-    if conn.execute(_END_RUN, params).rowcount == 0:
+    row = conn.execute(_END_RUN, params).first()
+    if row is None:
         return False
-    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings, now=now)
+    params["b_now"] = row.completed_at
+    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
     conn.execute(_END_PHASE, params)
     return True
 
 
+def phase_committed(
+    conn: Connection, *, run_id: int, owner: str, phase_num: int
+) -> RunStatus | None:
+    """After a lost connection: the run's status if phase ``phase_num`` committed, else None.
+
+    Raises :class:`RunLost` when the phase did not commit and the run is no
+    longer this runner's to continue.
+    """
+    row = conn.execute(_PHASE_TRUTH, {"b_run": run_id, "b_phase": phase_num}).first()
+    ours = row is not None and row.owner == owner
+    if row is None or (row.status == RunStatus.RUNNING.value and not ours):
+        raise RunLost(f"run {run_id} is no longer owned by this runner")
+    if row.phase_status == "completed":
+        return RunStatus(row.status)  # committed: running (on to the next phase) or ended
+    if row.status != RunStatus.RUNNING.value:
+        raise RunLost(f"run {run_id} was ended by someone else")
+    return None
+
+
+_ADD_WARNING = sa.insert(warnings_t).values(created_at=db_now())
+
+
 def add_warnings(
-    conn: Connection,
-    *,
-    run_id: int,
-    phase: int | None,
-    messages: Sequence[str],
-    now: dt.datetime,
+    conn: Connection, *, run_id: int, phase: int | None, messages: Sequence[str]
 ) -> None:
     if messages:
         conn.execute(
-            sa.insert(warnings_t),
-            [{"run_id": run_id, "phase": phase, "message": m, "created_at": now} for m in messages],
+            _ADD_WARNING,
+            [{"run_id": run_id, "phase": phase, "message": m} for m in messages],
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Beat:
-    """What a runner's heartbeat writes for one run: its sub-progress."""
-
-    run_id: int
-    owner: str
-    phase_num: int
-    current: int | None
-    total: int | None
-
-
-def heartbeat(conn: Connection, *, beats: Sequence[Beat]) -> dict[int, bool]:
-    """Refresh heartbeat and sub-progress; returns, per run still ours, whether cancel was asked."""
-    now = utcnow()
-    answer: dict[int, bool] = {}
-    for beat in beats:
-        row = conn.execute(
-            _BEAT,
-            {
-                "b_run": beat.run_id,
-                "b_owner": beat.owner,
-                "b_phase": beat.phase_num,
-                "b_now": now,
-                "b_current": beat.current,
-                "b_total": beat.total,
-            },
-        ).first()
-        if row is not None:
-            answer[beat.run_id] = row.cancel_requested_at is not None
-    return answer
-
-
-def sweep_interrupted(
-    conn: Connection,
-    *,
-    why_dead: Callable[[str, dt.datetime | None], str | None],
-    requeue: bool = False,
-) -> list[int]:
-    """End the runs whose runner is gone; ``why_dead(owner, heartbeat_at)`` decides.
-
-    It answers None for a live owner, else how the owner was lost
-    ("interrupted", "worker lost"). Such a run is marked failed, or with
-    ``requeue`` queued again to continue from its first incomplete phase.
-    Queued runs reserved by a dead process (``pipeline run --wait`` killed
-    before it started) are ended too: nobody else would ever start them.
-    """
-    rows = conn.execute(
-        sa.select(
-            runs_t.c.id,
-            runs_t.c.status,
-            runs_t.c.owner,
-            runs_t.c.heartbeat_at,
-            runs_t.c.current_phase,
-            runs_t.c.phase_label,
-        ).where(
-            runs_t.c.status.in_([RunStatus.RUNNING.value, RunStatus.QUEUED.value]),
-            runs_t.c.owner.is_not(None),
-        )
-    ).all()
-    now = utcnow()
-    swept = []
-    for row in rows:
-        reason = why_dead(row.owner, row.heartbeat_at)
-        if reason is None:
-            continue
-        if row.status == RunStatus.RUNNING.value:
-            message = f"{reason} during phase {row.current_phase} ({row.phase_label})"
-        else:
-            message = f"{reason} before it started"
-        values: dict[str, Any] = {"phase_progress_current": None, "phase_progress_total": None}
-        if requeue:
-            values.update(status=RunStatus.QUEUED.value, owner=None)
-        else:
-            values.update(status=RunStatus.FAILED.value, error_message=message, completed_at=now)
-        result = conn.execute(
-            sa.update(runs_t)
-            .where(
-                runs_t.c.id == row.id,
-                runs_t.c.owner == row.owner,
-                runs_t.c.status == row.status,
-                # A heartbeat written since we looked means it is alive after all.
-                runs_t.c.heartbeat_at.is_(None)
-                if row.heartbeat_at is None
-                else runs_t.c.heartbeat_at == row.heartbeat_at,
-            )
-            .values(**values)
-        )
-        if not result.rowcount:
-            continue
-        conn.execute(
-            sa.update(phases_t)
-            .where(phases_t.c.run_id == row.id, phases_t.c.status == "running")
-            .values(status="pending" if requeue else "failed", finished_at=None if requeue else now)
-        )
-        if requeue:
-            add_warnings(
-                conn,
-                run_id=row.id,
-                phase=row.current_phase,
-                messages=[f"{message}; queued again to continue"],
-                now=now,
-            )
-        swept.append(row.id)
-    return swept

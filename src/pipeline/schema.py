@@ -12,6 +12,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 metadata = sa.MetaData()
 
@@ -45,9 +48,39 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         return stamp.astimezone(dt.UTC)
 
 
+class db_now(FunctionElement[dt.datetime]):
+    """The database's clock, UTC, as one statement sees it: every timestamp we write.
+
+    Machines' clocks disagree; the database's is the one all of them share, so
+    heartbeats are written and judged on it (``pipeline.liveness``), and the
+    other timestamps too, so that their order holds across machines.
+    PostgreSQL: ``statement_timestamp()`` (the same in every column of one
+    statement, and not the transaction's start, which a long phase would
+    make stale). SQLite: the time in the text format our ``UTCDateTime``
+    stores (microseconds, of which SQLite gives milliseconds), so that values
+    compare equal to what SQLAlchemy binds.
+    """
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_now"
+
+
+@compiles(db_now, "postgresql")
+def _postgresql_now(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "statement_timestamp()"
+
+
+@compiles(db_now)
+def _sqlite_now(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+
+
 # Run ids are 64-bit on PostgreSQL (clients may send any id up to 2**63-1);
 # SQLite's INTEGER PRIMARY KEY is already 64-bit and must be spelled INTEGER.
 RunId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Counter = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+MAX_COUNTER = 2**63 - 1
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -64,8 +97,9 @@ analysis_runs = sa.Table(
     sa.Column("phase_label", sa.String(200)),
     sa.Column("progress_current", sa.Integer, nullable=False),
     sa.Column("progress_total", sa.Integer),
-    sa.Column("phase_progress_current", sa.Integer),
-    sa.Column("phase_progress_total", sa.Integer),
+    # Sub-progress may count bytes: 64-bit (values beyond are clamped by the runner).
+    sa.Column("phase_progress_current", Counter),
+    sa.Column("phase_progress_total", Counter),
     sa.Column("error_message", sa.Text),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("started_at", UTCDateTime),

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from pipeline import db, retention, runs
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
-from pipeline.orchestrator import Executor, Registry, load_registry
+from pipeline.orchestrator import Executor, Registry, load_registry, phase_labels
 from pipeline.runs import Outcome, Run, RunStatus
 from pipeline.schema import analysis_runs
 
@@ -47,9 +47,12 @@ class Service:
         self.registry = load_registry(settings.phases) if registry is None else list(registry)
         # Requests run in FastAPI's thread pool: keep enough connections open
         # that a burst of them does not reconnect (and re-run the pragmas).
+        # No request may wait on a phase's locks: on PostgreSQL a lock still
+        # held after the busy timeout makes the request a 503, as on SQLite.
         self.engine: Engine = db.create_engine(
             settings.database_url,
             busy_timeout_ms=settings.busy_timeout_ms,
+            lock_timeout_ms=settings.busy_timeout_ms,
             pool_size=10,
             max_overflow=30,
         )
@@ -172,30 +175,39 @@ class Service:
         return run
 
     def get_run(self, run_id: int) -> Run | None:
+        # The live progress is read before the row: read after, it could
+        # belong to the next phase already, and the percent would drop.
+        live = self.executor.live_progress(run_id)
         with db.read(self.engine) as conn:
             run = runs.get_run(conn, run_id=run_id)
         if run is None:
             return None
-        return run.with_live_progress(self.executor.live_progress(run_id))
+        return run.with_live_progress(live)
 
     def list_runs(
         self, *, status: RunStatus | None, limit: int, before: int | None
     ) -> tuple[list[Run], int | None]:
+        live = {
+            run_id: self.executor.live_progress(run_id) for run_id in self.executor.active_runs()
+        }
         with db.read(self.engine) as conn:
             page, cursor = runs.list_runs(conn, status=status, limit=limit, before=before)
-        live = self.executor.live_progress
-        return [run.with_live_progress(live(run.id)) for run in page], cursor
+        return [run.with_live_progress(live.get(run.id)) for run in page], cursor
 
     def cancel(self, run_id: int) -> tuple[Outcome, Run | None]:
+        # A phase running here learns of it before anything that could wait
+        # (SQLite's write lock, which the phase itself may hold); a running
+        # run's cancel is always accepted, so telling it first is right.
+        self.executor.notify_cancel(run_id)
         with db.write(self.engine) as conn:
             outcome = runs.request_cancel(conn, run_id=run_id)
-        if outcome is Outcome.DONE:
-            self.executor.notify_cancel(run_id)
         return outcome, self.get_run(run_id)
 
     def resume(self, run_id: int) -> tuple[Outcome, Run | None]:
+        """Raises :class:`runs.PhasesChanged` when the pipeline's phases changed since."""
+        labels = phase_labels(self.registry)
         with db.write(self.engine) as conn:
-            outcome = runs.resume(conn, run_id=run_id)
+            outcome = runs.resume(conn, run_id=run_id, phases=labels)
         if outcome is Outcome.DONE and self.execute:
             self.executor.wake()
         return outcome, self.get_run(run_id)
