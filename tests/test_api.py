@@ -524,7 +524,8 @@ def test_no_error_body_leaks_internals(h: Harness) -> None:
         ]
         bodies = []
         for method, path, content, status in requests:
-            response = client.request(method, path, content=content)
+            headers = {"content-type": "application/json"} if content else {}
+            response = client.request(method, path, content=content, headers=headers)
             error_detail(response, status)
             bodies.append(response.text)
     assert len(bodies) == len(requests)

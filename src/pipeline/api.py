@@ -2,7 +2,8 @@
 
 Paths, status codes and the Run JSON are DESIGN.md's HTTP contract; clients
 are written against them. The router can be included in another FastAPI
-application under its own prefix (see the README).
+application under its own prefix (see the README); its routes keep their
+browser defences there (``pipeline.security``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -21,25 +21,28 @@ from typing import Annotated, Any, Literal
 import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
-from pipeline import db
+from pipeline import db, security
 from pipeline.config import Settings, get_settings
 from pipeline.metrics import Metrics
 from pipeline.orchestrator import Registry
+from pipeline.params import InvalidParams, parse_json, validate_params
 from pipeline.runs import Outcome, PhasesChanged, Run, RunStatus
-from pipeline.service import Service
+from pipeline.security import StreamSlots
+from pipeline.service import QueueFull, Service
 
 log = logging.getLogger("pipeline.api")
 
 MAX_BODY_BYTES = 64 * 1024
-MAX_DEPTH = 32
 MAX_ID = 2**63 - 1
 # How often an event stream reads its run: one indexed read by primary key
 # (about a millisecond), twice a second per open stream. That keeps sub-progress
@@ -47,6 +50,10 @@ MAX_ID = 2**63 - 1
 # with dozens of streams; an unchanged run sends nothing.
 EVENTS_POLL_SECONDS = 0.5
 RETRY_AFTER_SECONDS = "1"
+# When a full queue or a full set of event streams may have room again: a queue
+# drains at the pace of runs, streams free up as runs end or clients leave.
+QUEUE_FULL_RETRY_AFTER_SECONDS = 30
+STREAMS_FULL_RETRY_AFTER_SECONDS = 5
 
 # -- the Run JSON ---------------------------------------------------------------
 
@@ -107,10 +114,14 @@ class ErrorOut(BaseModel):
 
 
 def _route_class(metrics: Metrics) -> type[APIRoute]:
-    """Routes that time themselves and turn a locked database into a 503.
+    """Routes that time themselves, refuse browsers of other sites, and turn a locked
+    database into a 503.
 
     Done in the route class (not app middleware or an exception handler) so
-    that both hold when a host application includes the router.
+    that all of it holds when a host application includes the router: a
+    cross-site request (403) or a body that is not JSON (415) is refused
+    before the route does anything (``pipeline.security``), and every answer
+    of the API carries ``nosniff`` and ``Cache-Control: no-store``.
     """
 
     class Route(APIRoute):
@@ -122,11 +133,18 @@ def _route_class(metrics: Metrics) -> type[APIRoute]:
                 started = time.perf_counter()
                 status = 500
                 try:
+                    refused = security.refusal(request)
+                    if refused is not None:
+                        status = refused.status_code
+                        return refused
                     response = await handler(request)
                     status = response.status_code
+                    for name, value in security.API_HEADERS.items():
+                        response.headers.setdefault(name, value)
                     return response
                 except HTTPException as exc:
                     status = exc.status_code
+                    exc.headers = {**security.API_HEADERS, **(exc.headers or {})}
                     raise
                 except RequestValidationError:
                     status = 422
@@ -136,7 +154,7 @@ def _route_class(metrics: Metrics) -> type[APIRoute]:
                     return JSONResponse(
                         {"detail": str(exc)},
                         status_code=503,
-                        headers={"Retry-After": RETRY_AFTER_SECONDS},
+                        headers={**security.API_HEADERS, "Retry-After": RETRY_AFTER_SECONDS},
                     )
                 finally:
                     elapsed = time.perf_counter() - started
@@ -177,29 +195,6 @@ _CREATE_SCHEMA = {
 }
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):  # 1e400: valid JSON syntax, but no JSON can say it back
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth, iteratively (a deep document must not exhaust the stack)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
 async def _read_limited(request: Request) -> bytes:
     """The body, refused as soon as it is known to be too large (never buffered whole)."""
     too_large = _bad_body(f"the body is larger than {MAX_BODY_BYTES // 1024} KiB")
@@ -217,32 +212,24 @@ async def _read_limited(request: Request) -> bytes:
 
 
 def parse_create_body(raw: bytes) -> dict[str, Any]:
-    """The params of ``POST /runs``, or a 422 that says what is wrong."""
+    """The params of ``POST /runs``, or a 422 that says what is wrong (``pipeline.params``)."""
     if len(raw) > MAX_BODY_BYTES:
         raise _bad_body(f"the body is larger than {MAX_BODY_BYTES // 1024} KiB")
     if not raw.strip():
         return {}
     try:
-        payload = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError):
-        raise _bad_body("the body is not valid JSON (numbers must be finite)") from None
+        payload = parse_json(raw)
+    except InvalidParams as exc:
+        raise _bad_body(f"the body is {exc}" if str(exc).startswith("not ") else str(exc)) from None
     if not isinstance(payload, dict):
         raise _bad_body('the body must be a JSON object, like {"params": {}}')
     unknown = sorted(set(payload) - {"params"})
     if unknown:
         raise _bad_body(f"unknown field(s): {', '.join(unknown)}; only 'params' is accepted")
-    params = payload.get("params")
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        raise _bad_body("'params' must be a JSON object (or null)")
-    if _depth(params) > MAX_DEPTH:
-        raise _bad_body(f"'params' is nested deeper than {MAX_DEPTH} levels")
-    try:  # a lone surrogate (\ud800) parses, but cannot be stored or sent back as UTF-8
-        json.dumps(params, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise _bad_body("'params' contains text that is not valid Unicode") from None
-    return params
+    try:
+        return validate_params(payload.get("params"))
+    except InvalidParams as exc:
+        raise _bad_body(str(exc)) from None
 
 
 # -- the router ----------------------------------------------------------------------
@@ -265,12 +252,40 @@ def _require_token(token: str | None) -> Callable[[Request], None]:
     return check
 
 
-def create_router(service: Service) -> APIRouter:
-    """The runs API, bound to one service (database, registry, executor)."""
+class _SlotStream(EventSourceResponse):
+    """An event stream that gives its slot back when it ends, whichever way it ends."""
+
+    def __init__(
+        self, content: AsyncIterator[ServerSentEvent], *, slots: StreamSlots, client: str
+    ) -> None:
+        super().__init__(content, ping=15)
+        self._slots = slots
+        self._client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slots.release(self._client)
+
+
+def create_router(service: Service, *, stream_slots: StreamSlots | None = None) -> APIRouter:
+    """The runs API, bound to one service (database, registry, executor).
+
+    ``stream_slots`` counts its open event streams (by default its own, with
+    the caps of ``service.settings``).
+    """
+    settings = service.settings
+    slots = stream_slots or StreamSlots(
+        total=settings.max_event_streams, per_client=settings.max_streams_per_client
+    )
     router = APIRouter(
         route_class=_route_class(service.metrics),
         dependencies=[Depends(_require_token(service.settings.api_token))],
-        responses={503: {"model": ErrorOut, "description": "database busy; retry later"}},
+        responses={
+            403: {"model": ErrorOut, "description": "a request from another site"},
+            503: {"model": ErrorOut, "description": "database busy; retry later"},
+        },
     )
 
     def found(run: Run | None, run_id: int) -> dict[str, Any]:
@@ -283,16 +298,23 @@ def create_router(service: Service) -> APIRouter:
         status_code=201,
         response_model=RunOut,
         openapi_extra={"requestBody": _CREATE_SCHEMA},
-        responses={422: {"model": ErrorOut}},
+        responses={
+            415: {"model": ErrorOut, "description": "the body is not application/json"},
+            422: {"model": ErrorOut},
+            429: {"model": ErrorOut, "description": "too many runs queued; retry later"},
+        },
     )
-    async def create_run(request: Request, response: Response) -> dict[str, Any]:
+    async def create_run(request: Request, response: Response) -> Any:
         """Queue a run; it starts as soon as a slot is free."""
         try:
             raw = await _read_limited(request)
         except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing done
             raise HTTPException(400, "the request body was not received") from None
         params = parse_create_body(raw)
-        run = await anyio.to_thread.run_sync(service.create_run, params)
+        try:
+            run = await anyio.to_thread.run_sync(service.create_run, params)
+        except QueueFull as exc:
+            return security.busy(str(exc), status=429, retry_after=QUEUE_FULL_RETRY_AFTER_SECONDS)
         response.headers["Location"] = request.url_for("get_run", run_id=run.id).path
         return run.to_dict()
 
@@ -323,7 +345,7 @@ def create_router(service: Service) -> APIRouter:
         "/runs/{run_id}/cancel",
         status_code=202,
         response_model=RunOut,
-        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 415: {"model": ErrorOut}},
     )
     def cancel_run(run_id: RunId) -> dict[str, Any]:
         """Ask a run to stop: at once if queued, at the next phase boundary if running."""
@@ -334,7 +356,7 @@ def create_router(service: Service) -> APIRouter:
         "/runs/{run_id}/resume",
         status_code=202,
         response_model=RunOut,
-        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+        responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 415: {"model": ErrorOut}},
     )
     def resume_run(run_id: RunId) -> dict[str, Any]:
         """Queue a failed or cancelled run again, from its first phase not completed."""
@@ -359,16 +381,33 @@ def create_router(service: Service) -> APIRouter:
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "run events"},
             404: {"model": ErrorOut},
+            503: {"model": ErrorOut, "description": "too many open streams, or database busy"},
         },
     )
-    async def run_events(run_id: RunId, request: Request) -> EventSourceResponse:
-        """Server-sent events: a ``run`` event at each change, until the run ends."""
+    async def run_events(run_id: RunId, request: Request) -> Response:
+        """Server-sent events: a ``run`` event at each change, until the run ends.
+
+        Open streams are capped overall and per client address (503 beyond).
+        """
         first = await anyio.to_thread.run_sync(service.get_run, run_id)
         if first is None:
             raise _not_found(run_id)
-        return EventSourceResponse(_run_events(service, first, request), ping=15)
+        client = security.client_key(request)
+        full = slots.acquire(client)
+        if full is not None:
+            return security.busy(full, status=503, retry_after=STREAMS_FULL_RETRY_AFTER_SECONDS)
+        return _SlotStream(_run_events(service, first, request), slots=slots, client=client)
 
     return router
+
+
+def _event_data(run: Run) -> str:
+    """The Run JSON as REST sends it: never ``NaN`` (a row stored before params were checked)."""
+    value = run.to_dict()
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except ValueError:  # what REST's serializer does with such a float: null
+        return RunOut.model_validate(value).model_dump_json()
 
 
 async def _run_events(
@@ -377,7 +416,7 @@ async def _run_events(
     run: Run | None = first
     last = None
     while run is not None:
-        data = json.dumps(run.to_dict(), separators=(",", ":"))
+        data = _event_data(run)
         if data != last:
             yield ServerSentEvent(data=data, event="run")
             last = data
@@ -399,10 +438,33 @@ def _dashboard_dir() -> Any:
     return resources.files("pipeline") / "dashboard"
 
 
-def create_app(settings: Settings | None = None, *, registry: Registry | None = None) -> FastAPI:
-    """The whole service: the runs API at the root, the dashboard at ``/``, ``/healthz``."""
+# Swagger UI and ReDoc, served from the fastapi-offline package's files: the docs
+# load nothing from another host (a CDN script would run on the origin where the
+# dashboard keeps its token), and they work offline.
+DOCS_ASSETS = "/docs-assets"
+
+
+def _docs_assets_dir() -> Any:
+    return resources.files("fastapi_offline") / "static"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    registry: Registry | None = None,
+    bound_host: str | None = None,
+) -> FastAPI:
+    """The whole service: the runs API at the root, the dashboard at ``/``, ``/healthz``.
+
+    It answers only the allowed ``Host`` names (``PIPELINE_ALLOWED_HOSTS``; by
+    default the loopback names and ``bound_host``, the host the server listens
+    on, which ``pipeline serve`` passes).
+    """
     settings = settings or get_settings()
     service = Service(settings, registry)
+    stream_slots = StreamSlots(
+        total=settings.max_event_streams, per_client=settings.max_streams_per_client
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -414,9 +476,17 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
         version="0.1.0",
         summary="Start long analysis runs and watch every phase of them.",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = service
-    app.include_router(create_router(service))
+    app.state.stream_slots = stream_slots
+    app.include_router(create_router(service, stream_slots=stream_slots))
+    # The last added is the outermost: even a refused Host gets the headers.
+    app.add_middleware(
+        security.AllowedHosts, hosts=security.allowed_hosts(settings.allowed_hosts, bound_host)
+    )
+    app.add_middleware(security.SecurityHeaders)
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": ErrorOut}})
     def healthz() -> Any:
@@ -430,7 +500,43 @@ def create_app(settings: Settings | None = None, *, registry: Registry | None = 
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
-        return FileResponse(str(dashboard / "index.html"))
+        return FileResponse(str(dashboard / "index.html"), headers=dict(security.DASHBOARD_HEADERS))
 
     app.mount("/static", StaticFiles(directory=str(dashboard)), name="static")
+    _add_docs(app)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc``, with every asset served from this app."""
+    openapi_url = app.openapi_url or "/openapi.json"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(_docs_assets_dir())), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_swagger_ui_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            oauth2_redirect_url=None,
+            # No badge from the public validator: nothing is sent to another host.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+        page.headers.update(security.DOCS_HEADERS)
+        return page
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+        page.headers.update(security.DOCS_HEADERS)
+        return page

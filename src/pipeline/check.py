@@ -33,8 +33,9 @@ a run still ``running`` is a violation too.
 Run it against the configured database with ``python -m pipeline.check``
 (``PIPELINE_DATABASE_URL``); it prints the violations and exits 1 if any.
 
-Timestamps are compared as written by one clock; runs moved between machines
-with skewed clocks (workers on several hosts) could trip the ordering rules.
+Timestamps are compared as written: the orchestrator writes them all on the
+database's clock (``schema.db_now``), so the ordering rules hold across
+machines whose clocks disagree.
 """
 
 from __future__ import annotations

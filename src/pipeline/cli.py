@@ -6,28 +6,30 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import suppress
 from types import FrameType
 from typing import Any, NoReturn
 
-import uvicorn
+import sqlalchemy as sa
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from pipeline import db, runs
+from pipeline import db, runs, serving
 from pipeline.config import Settings, get_settings
 from pipeline.logs import configure_logging
-from pipeline.orchestrator import Executor, RegistryError, load_registry
+from pipeline.orchestrator import Executor, RegistryError, describe, load_registry
+from pipeline.params import InvalidParams, parse_json, validate_params
 from pipeline.runs import RunStatus
 
 EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.FAILED: 1, RunStatus.CANCELLED: 2}
-GRACEFUL_HTTP_SECONDS = 10
 MAX_RUN_ID = 2**63 - 1  # run ids are 64-bit
 
 console = Console(stderr=True)
@@ -37,16 +39,106 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 64."""
 
 
+class DatabaseError(Exception):
+    """The database could not be reached or refused the work: one line, exit code 1."""
+
+
+# -- printing -----------------------------------------------------------------
+#
+# Everything that comes from the database or from the user is printed as a
+# rich Text (never parsed as markup or emoji codes), with control characters
+# shown as escapes, so that no stored value can crash or restyle the terminal.
+# Only the styles we put around it are ours. Nothing prints a database password.
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but tab and newline
+_PASSWORD_IN_URL = re.compile(r"://[^:/]*:([^@]+)@")  # as SQLAlchemy's URL parser reads it
+
+
+def _clean(value: object) -> str:
+    """``value`` as printable text: control characters (ESC, CSI...) become ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+def _text(value: object, style: str = "") -> Text:
+    """Data as a literal Text: no markup, no emoji codes, no control characters."""
+    return Text(_clean(value), style=style)
+
+
+def _say(*parts: str | Text) -> None:
+    """One message on stderr, never wrapped; a plain string is literal text."""
+    line = Text.assemble(*(part if isinstance(part, Text) else _text(part) for part in parts))
+    console.print(line, soft_wrap=True)
+
+
+def _error(message: str, url: str | None) -> None:
+    """``error: message`` on one line, the database password hidden."""
+    _say(Text("error:", style="red"), " ", " ".join(_hide_password(message, url).split()))
+
+
+def _safe_url(url: str) -> str:
+    """The URL to show: its password (if any) as ``***``."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: show none of it, it may hold a password
+        return "(an unparsable database URL)"
+
+
+def _hide_password(text: str, url: str | None) -> str:
+    """``text`` with the database URL's password replaced by ``***``, in any spelling."""
+    if not url:
+        return text
+    shown = _safe_url(url)
+    spellings = [url]  # the whole URL first: it then reads as the safe one
+    secrets = set(_PASSWORD_IN_URL.findall(url))  # as written (maybe %-encoded)
+    with suppress(Exception):  # unparsable: the pattern above still finds the password
+        parsed = sa.make_url(url)
+        spellings.append(parsed.render_as_string(hide_password=False))
+        secrets.add(str(parsed.password or ""))  # decoded
+    for spelling in spellings:
+        text = text.replace(spelling, shown)
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _configured_url() -> str | None:
+    """PIPELINE_DATABASE_URL as the environment gives it (settings may not have loaded)."""
+    for key, value in os.environ.items():
+        if key.upper() == "PIPELINE_DATABASE_URL":
+            return value
+    return None
+
+
+def _configuration_error(exc: ValidationError) -> str:
+    """Which PIPELINE_* variables are wrong and why, without echoing their values."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        name = "PIPELINE_" + "_".join(str(part) for part in error["loc"]).upper()
+        problems.append(f"{name}: {error['msg']}")
+    return "bad configuration: " + "; ".join(problems or ["invalid settings"])
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL SQLAlchemy cannot use, in one line, before anything connects."""
+    try:
+        sa.make_url(url).get_dialect()
+    except Exception as exc:
+        raise UsageError(
+            f"PIPELINE_DATABASE_URL is not a usable database URL: {describe(exc)}"
+        ) from None
+
+
 def _params(text: str | None) -> dict[str, Any]:
+    """--params, checked as every door checks them (``pipeline.params``)."""
     if text is None:
         return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--params is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise UsageError("--params must be a JSON object, like '{\"limit\": 100}'")
-    return value
+        value = parse_json(text)
+        if not isinstance(value, dict):
+            raise UsageError("--params must be a JSON object, like '{\"limit\": 100}'")
+        return validate_params(value)
+    except InvalidParams as exc:
+        raise UsageError(f"--params: {exc}") from None
 
 
 def _engine(settings: Settings) -> Any:
@@ -56,8 +148,12 @@ def _engine(settings: Settings) -> Any:
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    db.migrate(settings.database_url)
-    console.print(f"database at the head revision ({db.head_revision()}): {settings.database_url}")
+    shown = _safe_url(settings.database_url)
+    try:
+        db.migrate(settings.database_url)
+    except sa.exc.SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot migrate the database at {shown}: {describe(exc)}") from exc
+    _say(f"database at the head revision ({db.head_revision()}): {shown}")
     return 0
 
 
@@ -69,9 +165,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         with db.write(engine) as conn:
             run_id = runs.create_run(conn, params=params).id
         print(run_id)
-        console.print(
-            f"run {run_id} queued; a `pipeline serve` or `pipeline worker` will execute it"
-        )
+        _say(f"run {run_id} queued; a `pipeline serve` or `pipeline worker` will execute it")
         return 0
     executor = Executor(
         settings.database_url,
@@ -81,7 +175,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     )
     executor.sweep(engine, lease_seconds=settings.lease_seconds, requeue=settings.auto_resume)
     run_id, thread = executor.start_reserved(params)
-    console.print(f"run {run_id} started ({len(registry)} phases); Ctrl-C cancels it")
+    _say(f"run {run_id} started ({len(registry)} phases); Ctrl-C cancels it")
     status = _watch(engine, executor, run_id, thread)
     run = _read_run(engine, run_id)
     if run is not None:
@@ -100,13 +194,13 @@ def _watch(engine: Any, executor: Executor, run_id: int, thread: threading.Threa
 
     def on_interrupt(signum: int, frame: object) -> None:
         if cancelled.is_set():
-            console.print("second interrupt: leaving now; the run will be swept as interrupted")
+            _say("second interrupt: leaving now; the run will be swept as interrupted")
             os._exit(130)  # at once: the runner thread is non-daemon and would be waited for
         cancelled.set()
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     columns = (
-        TextColumn("{task.description}", justify="left"),
+        TextColumn("{task.description}", justify="left", markup=False),  # data: see _update_bars
         BarColumn(),
         TaskProgressColumn(),
         TimeElapsedColumn(),
@@ -123,7 +217,7 @@ def _watch(engine: Any, executor: Executor, run_id: int, thread: threading.Threa
                     with db.write(engine) as conn:
                         runs.request_cancel(conn, run_id=run_id)
                     executor.notify_cancel(run_id)
-                    console.print("cancel requested; stopping at the next phase boundary")
+                    _say("cancel requested; stopping at the next phase boundary")
                 finished = not thread.is_alive()  # before the read, so the read is final
                 run = _read_run(engine, run_id)
                 if run is None:
@@ -137,8 +231,9 @@ def _watch(engine: Any, executor: Executor, run_id: int, thread: threading.Threa
 
 
 def _update_bars(bars: Progress, overall: Any, phase: Any, run: runs.Run) -> None:
-    label = f"phase {run.current_phase}/{run.progress_total}: {run.phase_label}"
-    bars.update(overall, completed=run.percent, description=f"run {run.id} [{run.status}]")
+    # The description column takes no markup: these are shown exactly as written.
+    label = _clean(f"phase {run.current_phase}/{run.progress_total}: {run.phase_label}")
+    bars.update(overall, completed=run.percent, description=f"run {run.id} [{run.status.value}]")
     if run.status is RunStatus.RUNNING and run.phase_progress_total:
         bars.update(
             phase,
@@ -153,15 +248,17 @@ def _update_bars(bars: Progress, overall: Any, phase: Any, run: runs.Run) -> Non
 
 def _print_outcome(run: runs.Run) -> None:
     for warning in run.warnings:
-        console.print(f"[yellow]warning[/] (phase {warning.phase}): {warning.message}")
+        _say(Text("warning", style="yellow"), f" (phase {warning.phase}): ", warning.message)
     if run.status is RunStatus.COMPLETED:
-        console.print(f"[green]run {run.id} completed[/] ({run.progress_total} phases)")
+        _say(Text(f"run {run.id} completed", style="green"), f" ({run.progress_total} phases)")
     elif run.status is RunStatus.FAILED:
-        console.print(
-            f"[red]run {run.id} failed[/] in phase {run.current_phase}: {run.error_message}"
+        _say(
+            Text(f"run {run.id} failed", style="red"),
+            f" in phase {run.current_phase}: ",
+            run.error_message or "",
         )
     else:
-        console.print(f"run {run.id} {run.status}")
+        _say(f"run {run.id} {run.status.value}")
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
@@ -178,13 +275,13 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
         page, _ = runs.list_runs(conn, status=status, limit=args.limit)
     table = Table("id", "status", "phase", "progress", "created", "error")
     for run in page:
-        table.add_row(
-            str(run.id),
-            run.status.value,
-            f"{run.current_phase or '-'} {run.phase_label or ''}",
-            f"{run.percent:.1f}%",
-            runs.rfc3339(run.created_at) or "",
-            (run.error_message or "")[:60],
+        table.add_row(  # Text cells: a stored value is never read as markup
+            _text(run.id),
+            _text(run.status.value),
+            _text(f"{run.current_phase or '-'} {run.phase_label or ''}"),
+            _text(f"{run.percent:.1f}%"),
+            _text(runs.rfc3339(run.created_at) or ""),
+            _text((run.error_message or "")[:60]),
         )
     Console().print(table)
     return 0
@@ -194,58 +291,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from pipeline.api import create_app
 
     _engine(settings).dispose()  # a clear error now, rather than a failed startup later
-    app = create_app(settings)
+    app = create_app(settings, bound_host=args.host)
     service = app.state.service
-    # In JSON mode uvicorn's records go through our root handler, like every other.
-    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    config = uvicorn.Config(
-        app,
-        host=args.host,
-        port=args.port,
-        lifespan="on",
-        log_config=log_config,
-        # After a stop signal, open requests get this long to finish; event
-        # streams end by themselves (they watch the service's stop flag).
-        timeout_graceful_shutdown=GRACEFUL_HTTP_SECONDS,
+    _say(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops, runs finish first)")
+    started = serving.serve(
+        app, settings, host=args.host, port=args.port, on_stop=service.stop_claiming
     )
-    server = GracefulServer(config, on_stop=service.stop_claiming)
-    console.print(f"serving on http://{args.host}:{args.port}/ (Ctrl-C stops, runs finish first)")
-    server.run()
-    return 0 if server.started else 1
-
-
-class GracefulServer(uvicorn.Server):
-    """uvicorn, but a graceful stop exits 0 and a second signal exits at once.
-
-    uvicorn re-raises a captured SIGTERM after its shutdown, so the process
-    would die with -15 even after a clean stop. Here the first SIGTERM or
-    SIGINT stops accepting requests and lets running runs finish (the
-    lifespan waits for them); a second one exits at once with 128+signal,
-    and the runs it leaves are swept as interrupted on the next start.
-    """
-
-    def __init__(self, config: uvicorn.Config, *, on_stop: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_stop = on_stop
-
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        handled = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in handled}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
-        serve_log = logging.getLogger("pipeline.serve")
-        if self.should_exit:
-            serve_log.warning("second signal: exiting now; unfinished runs will be swept later")
-            os._exit(128 + sig)
-        serve_log.info("stopping: no new requests; waiting for running runs to finish")
-        self._on_stop()  # before the HTTP drain: no queued run may start during it
-        self.handle_exit(sig, frame)
+    return 0 if started else 1
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -291,7 +343,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     count = retention.prune(engine, older_than=older_than, statuses=statuses, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(count)
-    console.print(f"{verb} {count} finished run(s) older than {args.older_than}")
+    _say(f"{verb} {count} finished run(s) older than {args.older_than}")
     return 0
 
 
@@ -367,17 +419,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
-    except ValidationError as exc:  # a bad PIPELINE_* value
-        console.print(f"[red]error: bad configuration:[/] {exc}")
+    except ValidationError as exc:  # a bad PIPELINE_* value: named, never echoed
+        _error(_configuration_error(exc), _configured_url())
         return 64
+    url = settings.database_url
     configure_logging(settings.log_format, logging.DEBUG if args.verbose else logging.INFO)
     if args.command != "migrate":  # schema checks would log Alembic's chatter
         logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
+        _check_url(url)
         return COMMANDS[args.command](settings, args)
-    except (UsageError, RegistryError, db.SchemaNotCurrent, db.DatabaseBusy) as exc:
-        console.print(f"[red]error:[/] {exc}")
+    except (UsageError, RegistryError, db.SchemaNotCurrent) as exc:
+        _error(str(exc), url)
         return 64
+    except db.DatabaseBusy as exc:  # busy, or unavailable: say why, when the driver said
+        cause = f" ({describe(exc.__cause__)})" if exc.__cause__ is not None else ""
+        _error(f"{exc}{cause}", url)
+        return 64
+    except DatabaseError as exc:
+        _error(str(exc), url)
+        return 1
+    except sa.exc.SQLAlchemyError as exc:  # one line; -v logs the traceback
+        logging.getLogger("pipeline.cli").debug("database error", exc_info=True)
+        _error(f"database error: {describe(exc)}", url)
+        return 1
 
 
 if __name__ == "__main__":

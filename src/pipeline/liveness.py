@@ -89,7 +89,7 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
 
 
 def process_identity(pid: int | None = None) -> str:
-    """``host:pid:start`` of this process (or of ``pid``, on this host); a runner adds ``:thread``."""
+    """``host:pid:start`` of this process (or of ``pid`` on this host); runners add ``:thread``."""
     pid = os.getpid() if pid is None else pid
     stat = _proc_stat(pid)
     return f"{HOST}:{pid}:{stat[1] if stat else '0'}"

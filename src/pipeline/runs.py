@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from pipeline.params import validate_params
 from pipeline.schema import analysis_runs as runs_t
 from pipeline.schema import db_now
 from pipeline.schema import run_phases as phases_t
@@ -258,6 +259,19 @@ def get_status(conn: Connection, *, run_id: int, for_update: bool = False) -> Ru
     return None if value is None else RunStatus(value)
 
 
+_QUEUED_UP_TO = sa.select(sa.func.count()).select_from(
+    sa.select(runs_t.c.id)
+    .where(runs_t.c.status == RunStatus.QUEUED.value)
+    .limit(sa.bindparam("b_limit"))
+    .subquery()
+)
+
+
+def count_queued(conn: Connection, *, up_to: int) -> int:
+    """Queued runs, counted no further than ``up_to``: one bounded range of the status index."""
+    return int(conn.execute(_QUEUED_UP_TO, {"b_limit": up_to}).scalar_one())
+
+
 def count_by_status(conn: Connection) -> dict[RunStatus, int]:
     query = sa.select(runs_t.c.status, sa.func.count()).group_by(runs_t.c.status)
     counts = dict.fromkeys(RunStatus, 0)
@@ -278,12 +292,17 @@ _RESERVE_RUN = (
 
 
 def create_run(conn: Connection, *, params: Mapping[str, Any], owner: str | None = None) -> Run:
-    """Insert a queued run and return it; with ``owner`` it is reserved for that process."""
+    """Insert a queued run and return it; with ``owner`` it is reserved for that process.
+
+    Raises :class:`pipeline.params.InvalidParams` (nothing written) for params
+    that a later read could not handle: every door creates runs here.
+    """
+    checked = validate_params(dict(params) if isinstance(params, Mapping) else params)
     row = conn.execute(
         _CREATE_RUN if owner is None else _RESERVE_RUN,
         {
             "status": RunStatus.QUEUED.value,
-            "params": dict(params),
+            "params": checked,
             "progress_current": 0,
             "owner": owner,
         },

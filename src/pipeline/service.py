@@ -26,6 +26,10 @@ from pipeline.schema import analysis_runs
 log = logging.getLogger("pipeline.service")
 
 
+class QueueFull(Exception):
+    """As many runs are queued as the service takes (``PIPELINE_MAX_QUEUED_RUNS``)."""
+
+
 class Service:
     """One database, one registry, one executor, and the loops that keep them honest.
 
@@ -167,7 +171,11 @@ class Service:
     # -- what requests do (each one short transaction) --
 
     def create_run(self, params: Mapping[str, Any]) -> Run:
+        """Queue a run; :class:`QueueFull` beyond ``PIPELINE_MAX_QUEUED_RUNS``."""
+        cap = self.settings.max_queued_runs
         with db.write(self.engine) as conn:
+            if runs.count_queued(conn, up_to=cap) >= cap:
+                raise QueueFull(f"{cap} runs are already queued (PIPELINE_MAX_QUEUED_RUNS)")
             run = runs.create_run(conn, params=params)
         self.metrics.runs_created.inc()
         if self.execute:
