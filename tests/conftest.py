@@ -7,6 +7,7 @@ tests run on both. ``sqlite_url`` is for tests of SQLite's own behaviour.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import threading
@@ -22,6 +23,7 @@ from sqlalchemy.engine import Engine
 
 from pipeline import db, runs
 from pipeline.runs import Run
+from pipeline.schema import analysis_runs, run_phases
 
 T = TypeVar("T")
 
@@ -146,3 +148,48 @@ def execute(engine: Engine, sql: str, **params: Any) -> None:
     """One write statement in its own transaction, with ``:name`` parameters."""
     with db.write(engine) as conn:
         conn.execute(sa.text(sql), params)
+
+
+def insert_running(
+    engine: Engine,
+    *,
+    owner: str,
+    labels: list[tuple[int, str]],
+    heartbeat_age: float = 0.0,
+    cancel_requested: bool = False,
+) -> int:
+    """A run some runner claims to execute, in phase 2 (phase 1 committed), on the db's clock."""
+    with db.write(engine) as conn:
+        created = runs.create_run(conn, params={})
+        run_id, now = created.id, created.created_at
+        conn.execute(
+            sa.update(analysis_runs)
+            .where(analysis_runs.c.id == run_id)
+            .values(
+                status="running",
+                started_at=now,
+                current_phase=2,
+                phase_label=labels[1][1],
+                progress_current=1,
+                progress_total=len(labels),
+                owner=owner,
+                heartbeat_at=now - dt.timedelta(seconds=heartbeat_age),
+                cancel_requested_at=now if cancel_requested else None,
+            )
+        )
+        conn.execute(
+            sa.insert(run_phases),
+            [
+                {
+                    "run_id": run_id,
+                    "phase_num": num,
+                    "label": label,
+                    "attempts": 1 if num <= 2 else 0,
+                    "started_at": now if num <= 2 else None,
+                    "finished_at": now if num == 1 else None,
+                    "status": "completed" if num == 1 else "running" if num == 2 else "pending",
+                }
+                for num, label in labels
+            ],
+        )
+    return run_id

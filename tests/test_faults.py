@@ -24,10 +24,10 @@ from pipeline.check import check_database
 from pipeline.config import Settings
 from pipeline.orchestrator import Executor
 from pipeline.runs import RunStatus
-from pipeline.schema import MAX_COUNTER, analysis_runs, run_phases
+from pipeline.schema import MAX_COUNTER, analysis_runs
 from pipeline.service import Service
 
-from .conftest import is_sqlite_url, read_run, scalar, wait_for
+from .conftest import insert_running, is_sqlite_url, read_run, scalar, wait_for
 from .ledger import create_ledger
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,44 +56,6 @@ def write_ledger(conn: sa.Connection, run_id: int, phase: int) -> None:
 def process_state(pid: int) -> str:
     """The kernel's one-letter state of a process (R, S, Z, ...)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
-def insert_running(engine, *, owner, cancel_requested=False):
-    """A run some runner claims to execute, in phase 2 of 3 (phase 1 committed)."""
-    with db.write(engine) as conn:
-        created = runs.create_run(conn, params={})
-        run_id, now = created.id, created.created_at  # the database's clock
-        conn.execute(
-            sa.update(analysis_runs)
-            .where(analysis_runs.c.id == run_id)
-            .values(
-                status="running",
-                started_at=now,
-                current_phase=2,
-                phase_label="Two",
-                progress_current=1,
-                progress_total=3,
-                owner=owner,
-                heartbeat_at=now,
-                cancel_requested_at=now if cancel_requested else None,
-            )
-        )
-        conn.execute(
-            sa.insert(run_phases),
-            [
-                {
-                    "run_id": run_id,
-                    "phase_num": n,
-                    "label": label,
-                    "attempts": 1 if n < 3 else 0,
-                    "started_at": now if n < 3 else None,
-                    "finished_at": now if n == 1 else None,
-                    "status": {1: "completed", 2: "running", 3: "pending"}[n],
-                }
-                for n, label in THREE
-            ],
-        )
-    return run_id
 
 
 THREE = [(1, "One"), (2, "Two"), (3, "Three")]
@@ -271,7 +233,7 @@ def test_run_of_a_killed_unreaped_process_is_swept(db_url, engine):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         owner = f"{liveness.process_identity(child.pid)}:runner-1"
-        run_id = insert_running(engine, owner=owner)
+        run_id = insert_running(engine, owner=owner, labels=THREE)
         service = Service(Settings(database_url=db_url), registry=REGISTRY, execute=False)
         try:
             assert service.sweep() == []  # alive: untouched
@@ -355,7 +317,7 @@ def test_a_run_executing_in_this_process_is_never_swept(db_url, engine):
 def test_lost_run_with_a_cancel_request_ends_cancelled_never_queued(db_url, engine, auto_resume):
     """Auto-resume never re-queues a run whose cancel was recorded: it ends cancelled."""
     dead = f"{liveness.HOST}:999999999:0:runner-1"
-    run_id = insert_running(engine, owner=dead, cancel_requested=True)
+    run_id = insert_running(engine, owner=dead, labels=THREE, cancel_requested=True)
     settings = Settings(database_url=db_url, auto_resume=auto_resume)
     service = Service(settings, registry=REGISTRY, execute=False)
     try:

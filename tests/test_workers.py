@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from pipeline import db, runs
 from pipeline.runs import RunStatus
 
-from .conftest import scalar, wait_for
+from .conftest import insert_running, scalar, wait_for
 from .ledger import PHASES, create_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,45 +226,6 @@ def test_api_in_worker_mode_only_queues_and_workers_execute(db_url, engine, work
     assert duplicates(engine) == []
 
 
-def _insert_running(engine, *, owner, heartbeat_age):
-    """A run that some runner claims to be executing, in phase 2 of 3."""
-    import datetime as dt
-
-    from pipeline.schema import analysis_runs, run_phases
-
-    now = runs.utcnow()
-    with db.write(engine) as conn:
-        run_id = runs.create_run(conn, params={}).id
-        conn.execute(
-            sa.update(analysis_runs)
-            .where(analysis_runs.c.id == run_id)
-            .values(
-                status="running",
-                started_at=now,
-                current_phase=2,
-                phase_label="Analyze",
-                progress_current=1,
-                progress_total=3,
-                owner=owner,
-                heartbeat_at=now - dt.timedelta(seconds=heartbeat_age),
-            )
-        )
-        conn.execute(
-            sa.insert(run_phases),
-            [
-                {
-                    "run_id": run_id,
-                    "phase_num": n,
-                    "label": label,
-                    "attempts": 1 if n < 3 else 0,
-                    "status": {1: "completed", 2: "running", 3: "pending"}[n],
-                }
-                for n, label, _ in PHASES
-            ],
-        )
-    return run_id
-
-
 @pytest.mark.parametrize("auto_resume", [False, True], ids=["fail", "requeue"])
 def test_run_of_a_silent_worker_on_another_host_is_taken_after_the_lease(
     db_url, engine, auto_resume
@@ -273,8 +234,13 @@ def test_run_of_a_silent_worker_on_another_host_is_taken_after_the_lease(
     from pipeline.config import Settings
     from pipeline.service import Service
 
-    stale = _insert_running(engine, owner="elsewhere:4242:1:runner-1", heartbeat_age=120)
-    fresh = _insert_running(engine, owner="elsewhere:4243:1:runner-1", heartbeat_age=1)
+    labels = [(num, label) for num, label, _ in PHASES]
+    stale = insert_running(
+        engine, owner="elsewhere:4242:1:runner-1", labels=labels, heartbeat_age=120
+    )
+    fresh = insert_running(
+        engine, owner="elsewhere:4243:1:runner-1", labels=labels, heartbeat_age=1
+    )
     settings = Settings(database_url=db_url, lease_seconds=60, auto_resume=auto_resume)
     service = Service(settings, registry=PHASES, execute=False)
     try:
