@@ -24,7 +24,7 @@ def cli_env(db_url, tmp_path):
         **os.environ,
         "PIPELINE_DATABASE_URL": db_url,
         "PIPELINE_TEST_DIR": str(tmp_path),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
     }
 
 
