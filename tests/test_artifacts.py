@@ -67,7 +67,7 @@ PRODUCING = [(1, "Produces", produces), (2, "Consumes", consumes), (3, "Reads", 
 
 
 def test_results_and_artifacts_are_stored_and_passed_to_later_phases(db_url, engine):
-    """A phase's result reaches later phases as ctx.results and its artifacts are stored once each."""
+    """A result reaches later phases as ctx.results; each artifact is stored once."""
     SEEN.clear()
     run_id = _run(db_url, PRODUCING)
     run = read_run(engine, run_id)
@@ -82,7 +82,8 @@ def test_results_and_artifacts_are_stored_and_passed_to_later_phases(db_url, eng
     ]
     with db.read(engine) as conn:
         notes = artifacts.get_artifact(conn, run_id=run_id, key="notes")
-    assert notes is not None and "replaced" in notes.to_dict()["data"]
+    assert notes is not None
+    assert "replaced" in notes.to_dict()["data"]
 
 
 def test_the_http_contract_for_results_and_artifacts(db_url):
@@ -110,7 +111,8 @@ def test_the_http_contract_for_results_and_artifacts(db_url):
         )
         assert listing["items"][0]["created_at"].endswith("Z")
         table = client.get(f"/runs/{run_id}/artifacts/numbers").json()
-        assert table["data"] == TABLE and table["kind"] == "table"
+        assert table["data"] == TABLE
+        assert table["kind"] == "table"
         chart = client.get(f"/runs/{run_id}/artifacts/chart").json()
         assert chart["data"] == CHART
         missing = {
@@ -137,7 +139,7 @@ def publishes_then_fails(conn: Connection, ctx: RunContext) -> Any:
 
 
 def test_a_failing_phase_leaves_no_result_and_no_artifacts(db_url, engine):
-    """A phase that fails after publishing leaves neither its artifacts nor a result; earlier ones stay."""
+    """A phase failing after publishing leaves no artifact or result; earlier ones stay."""
     run_id = _run(db_url, [(1, "Produces", produces), (2, "Fails", publishes_then_fails)])
     run = read_run(engine, run_id)
     assert run.status is RunStatus.FAILED
@@ -164,12 +166,14 @@ def test_a_retried_phase_keeps_only_its_last_attempts_artifacts(db_url, engine):
     ATTEMPTS.clear()
     run_id = _run(db_url, [(1, "Flaky", flaky)])
     run = read_run(engine, run_id)
-    assert run.status is RunStatus.COMPLETED and run.phases[0].attempts == 2
+    assert run.status is RunStatus.COMPLETED
+    assert run.phases[0].attempts == 2
     assert [a.key for a in run.artifacts] == ["both"]
     with db.read(engine) as conn:
         both = artifacts.get_artifact(conn, run_id=run_id, key="both")
         assert artifacts.get_result(conn, run_id=run_id, phase_num=1) == '"second"'
-    assert both is not None and both.to_dict()["data"] == "second"
+    assert both is not None
+    assert both.to_dict()["data"] == "second"
 
 
 def test_a_key_from_an_earlier_phase_is_refused(db_url, engine):
@@ -246,10 +250,8 @@ BAD_ARTIFACTS = [
 
 
 @pytest.mark.parametrize(("kwargs", "message"), BAD_ARTIFACTS)
-def test_each_artifact_limit_raises_at_the_call_and_stores_nothing(
-    db_url, engine, kwargs, message
-):
-    """A malformed artifact raises ValueError at the call with a clear message; nothing is stored."""
+def test_each_artifact_limit_raises_at_the_call_and_stores_nothing(db_url, engine, kwargs, message):
+    """A malformed artifact raises ValueError at the call, clearly; nothing is stored."""
     caught: list[str] = []
 
     def publishes_bad(conn: Connection, ctx: RunContext) -> None:
@@ -260,7 +262,8 @@ def test_each_artifact_limit_raises_at_the_call_and_stores_nothing(
 
     run_id = _run(db_url, [(1, "Bad artifact", publishes_bad)])
     assert read_run(engine, run_id).status is RunStatus.COMPLETED
-    assert len(caught) == 1 and message in caught[0], caught
+    assert len(caught) == 1, caught
+    assert message in caught[0], caught
     assert _stored(engine, run_id) == (0, 0)
 
 
@@ -284,7 +287,8 @@ def test_a_bad_result_fails_the_phase_and_rolls_it_back(db_url, engine, value, m
     run_id = _run(db_url, [(1, "Produces", produces), (2, "Bad result", returns_bad)])
     run = read_run(engine, run_id)
     assert run.status is RunStatus.FAILED
-    assert run.error_message is not None and message in run.error_message
+    assert run.error_message is not None
+    assert message in run.error_message
     assert run.error_message.startswith("phase 2 returned a result that")
     assert [p.status for p in run.phases] == ["completed", "failed"]
     assert _stored(engine, run_id) == (1, 2)  # phase 1's result and two artifacts only
