@@ -108,3 +108,33 @@ def held_until_released(conn: Connection, ctx: RunContext) -> None:
 
 
 HELD = [(1, "Held until released", held_until_released), (2, "Quick after", quick)]
+
+
+# -- results across a kill (tests/test_process_death.py) ---------------------------
+
+
+def returns_a_result(conn: Connection, ctx: RunContext) -> dict[str, object]:
+    """Counts its executions in a file, and returns a value for phase 3."""
+    with (_signal_dir() / f"phase2-{ctx.run_id}").open("a") as log:
+        log.write("executed\n")
+    return {"answer": 42, "from": "phase 2"}
+
+
+def waits_then_reports(conn: Connection, ctx: RunContext) -> None:
+    """Says it is running, waits for `release` (to be killed meanwhile), records ctx.results."""
+    (_signal_dir() / f"in-phase3-{ctx.run_id}").touch()
+    deadline = time.monotonic() + 60
+    while not (_signal_dir() / "release").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.02)
+    import json
+
+    (_signal_dir() / f"seen-{ctx.run_id}").write_text(json.dumps(ctx.results[2]))
+
+
+RESULTS = [
+    (1, "Quick", quick),
+    (2, "Returns a result", returns_a_result),
+    (3, "Reads it", waits_then_reports),
+]

@@ -25,7 +25,7 @@ class ServerProcess:
         self.env = {
             **os.environ,
             "PIPELINE_DATABASE_URL": db_url,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None

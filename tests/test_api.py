@@ -54,8 +54,18 @@ RUN_FIELDS = {
     "completed_at",
     "cancel_requested_at",
     "phases",
+    "artifacts",
 }
-PHASE_FIELDS = {"num", "label", "status", "attempts", "started_at", "finished_at", "duration_ms"}
+PHASE_FIELDS = {
+    "num",
+    "label",
+    "status",
+    "attempts",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "has_result",
+}
 WARNING_FIELDS = {"phase", "message"}
 TERMINAL = {"completed", "failed", "cancelled"}
 

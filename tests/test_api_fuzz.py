@@ -26,8 +26,16 @@ from pipeline.config import Settings
 from pipeline.orchestrator import RunContext
 
 
-def quick(conn: Connection, ctx: RunContext) -> None:
+def quick(conn: Connection, ctx: RunContext) -> int:
+    """Reports progress, publishes one artifact of each kind, and returns a result."""
     ctx.progress(1, 1)
+    ctx.artifact(f"notes-{ctx.phase_num}", markdown="# notes")
+    ctx.artifact(f"table-{ctx.phase_num}", table={"columns": ["a"], "rows": [[1]]})
+    ctx.artifact(
+        f"chart-{ctx.phase_num}",
+        chart={"type": "line", "x": [1, 2], "series": [{"name": "s", "values": [1, None]}]},
+    )
+    return ctx.phase_num
 
 
 QUICK = [(1, "One", quick), (2, "Two", quick)]

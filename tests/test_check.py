@@ -621,7 +621,11 @@ def test_integrity_check_failure_is_reported(corrupt):
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.check", *args],
-        env={**os.environ, "PIPELINE_DATABASE_URL": url, "PYTHONPATH": str(ROOT)},
+        env={
+            **os.environ,
+            "PIPELINE_DATABASE_URL": url,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        },
         capture_output=True,
         text=True,
         timeout=60,

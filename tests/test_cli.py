@@ -24,7 +24,7 @@ def cli_env(db_url, tmp_path):
         **os.environ,
         "PIPELINE_DATABASE_URL": db_url,
         "PIPELINE_TEST_DIR": str(tmp_path),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
     }
 
 
@@ -178,3 +178,52 @@ def test_second_interrupt_leaves_at_once(cli_env, engine, tmp_path):
     finally:
         process.kill()
     assert process.returncode == 130
+
+
+def test_show_prints_the_example_runs_summary_and_table(cli_env, engine):
+    """`pipeline show` prints the example's summary (markdown), its threads table and its charts."""
+    done = pipeline(
+        cli_env,
+        "run",
+        "--wait",
+        "--params",
+        '{"fetch_delay": 0, "limit": 400}',
+        phases="pipeline.example:PHASES",
+    )
+    assert done.returncode == 0, done.stderr
+    run_id = int(scalar(engine, "SELECT max(id) FROM analysis_runs"))
+    shown = pipeline(cli_env, "show", str(run_id), phases="pipeline.example:PHASES")
+    assert shown.returncode == 0, shown.stderr
+    out = shown.stdout
+    assert f"run {run_id} completed" in out
+    assert "Fetching Reddit" in out
+    assert "Writing report" in out
+    assert "Sentiment report" in out
+    assert "The overall mood is" in out
+    assert "Comments kept: 400" in out
+    assert "**" not in out
+    assert "Most positive and most negative threads" in out
+    assert "most positive" in out
+    assert "most negative" in out
+    assert "mean score" in out
+    assert "very positive" in out
+    assert "█" in out
+    assert any(c in out for c in "▁▂▃▄▅▆▇")  # comments by hour as a sparkline
+
+
+def test_show_prints_markup_in_artifacts_as_text(cli_env, engine, tmp_path):
+    """Rich markup inside an artifact's data (title, table, markdown) is printed literally."""
+    (tmp_path / "markup_artifacts.py").write_text(
+        "def publish(conn, ctx):\n"
+        "    ctx.artifact('md', title='[bold red]T[/]', markdown='say [bold]loud[/bold] :smile:')\n"
+        "    ctx.artifact('tb', table={'columns': ['[red]c[/]'], 'rows': [['[blink]v[/]']]})\n"
+        "PHASES = [(1, 'Publish', publish)]\n"
+    )
+    env = {**cli_env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{cli_env['PYTHONPATH']}"}
+    done = pipeline(env, "run", "--wait", phases="markup_artifacts:PHASES")
+    assert done.returncode == 0, done.stderr
+    run_id = int(scalar(engine, "SELECT max(id) FROM analysis_runs"))
+    out = pipeline(env, "show", str(run_id), phases="markup_artifacts:PHASES").stdout
+    for literal in ("[bold red]T[/]", "say [bold]loud[/bold] :smile:", "[red]c[/]", "[blink]v[/]"):
+        assert literal in out, out
+    assert "\x1b" not in out

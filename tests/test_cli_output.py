@@ -61,7 +61,7 @@ def cli_env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
         **env,
         "PIPELINE_DATABASE_URL": sqlite_url,
         "PIPELINE_PHASES": "markup_phases:PHASES",
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "src"), str(ROOT)]),
         "COLUMNS": "200",  # no table cell or line is wrapped: the text stays whole
     }
 

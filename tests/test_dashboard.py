@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 
 from pipeline.api import create_app
 from pipeline.config import Settings
-from pipeline.orchestrator import Phase, RunContext
+from pipeline.orchestrator import Phase, RunContext, phase
 
 from .conftest import wait_for
 from .live_server import LiveServer
@@ -329,3 +329,128 @@ def test_token_is_asked_for_once_then_sent_everywhere(start_server, page):
     streams = [r for r in requests if r.url.endswith(f"/runs/{started}/events")]
     assert streams, "the page never opened the run's event stream"
     assert all(r.all_headers().get("authorization") == f"Bearer {TOKEN}" for r in streams)
+
+
+# -- a run's report: artifacts and timeline ------------------------------------------
+
+
+def _csp_errors(page: Page) -> list[str]:
+    """Collects the console's Content-Security-Policy complaints (a blocked style or script)."""
+    errors: list[str] = []
+    page.on(
+        "console",
+        lambda msg: (
+            errors.append(msg.text)
+            if msg.type == "error" and "Content Security Policy" in msg.text
+            else None
+        ),
+    )
+    return errors
+
+
+def _open_run(page: Page, server: LiveServer, run_id: int) -> Any:
+    page.goto(server.url + "/")
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("completed")
+    page.get_by_test_id(f"run-open-{run_id}").click()
+    details = page.get_by_test_id("run-details")
+    expect(details.get_by_test_id("details-title")).to_have_text(f"Run #{run_id}")
+    return details
+
+
+def test_the_example_runs_page_shows_its_report_and_timeline(start_server, page):
+    """The example's markdown, a sortable table, a bar chart of 5 bars, a line and the timeline."""
+    from pipeline.example import PHASES
+
+    csp = _csp_errors(page)
+    server = start_server(PHASES)
+    with api(server) as client:
+        run_id = client.post("/runs", json={"params": {"fetch_delay": 0, "limit": 600}}).json()[
+            "id"
+        ]
+    wait_for(lambda: run_status(server, run_id) == "completed", timeout=30)
+    details = _open_run(page, server, run_id)
+
+    summary = details.get_by_test_id("artifact-summary")
+    expect(summary.locator("h1")).to_have_text("Sentiment report")
+    expect(summary.locator("strong")).to_have_count(1)
+    expect(summary.locator("li")).to_have_count(4)
+    expect(summary).to_contain_text("Comments kept: 600")
+
+    table = details.get_by_test_id("artifact-threads")
+    expect(table.locator("tbody tr")).to_have_count(10)
+    first_column = table.locator("tbody tr td:first-child")
+    before = first_column.all_inner_texts()
+    table.get_by_test_id("sort-2").click()  # mean score, ascending
+    after = first_column.all_inner_texts()
+    assert after != before
+    assert sorted(after) == sorted(before)
+    scores = [float(t) for t in table.locator("tbody tr td:nth-child(3)").all_inner_texts()]
+    assert scores == sorted(scores)
+    table.get_by_test_id("sort-2").click()  # again: descending
+    scores = [float(t) for t in table.locator("tbody tr td:nth-child(3)").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+
+    bars = details.get_by_test_id("artifact-sentiment").locator("svg [data-testid='chart-bar']")
+    expect(bars).to_have_count(5)
+    line = details.get_by_test_id("artifact-comments-by-hour").locator("svg polyline")
+    expect(line).to_have_count(1)
+    assert len((line.get_attribute("points") or "").split()) == 24
+    expect(details.get_by_test_id("artifact-sentiment").locator("svg text")).not_to_have_count(0)
+
+    timeline = details.get_by_test_id("timeline")
+    for num in (1, 2, 3, 4):
+        bar = timeline.get_by_test_id(f"timeline-bar-{num}")
+        expect(bar).to_have_attribute("data-status", "completed")
+        assert (bar.bounding_box() or {"width": 0})["width"] > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-report.png"), full_page=True)
+    assert csp == []
+
+
+XSS = (
+    "# Title <script>window.__pwned = 'script'</script>\n\n"
+    "<img src=x onerror=\"window.__pwned = 'img'; document.title = 'pwned'\">\n\n"
+    "- **bold <b onmouseover=alert(1)>x</b>**\n"
+)
+
+
+def hostile(conn: Connection, ctx: RunContext) -> None:
+    ctx.artifact("hostile", title="<img src=x onerror=\"window.__pwned='title'\">", markdown=XSS)
+    ctx.artifact(
+        "hostile-table",
+        table={
+            "columns": ["<script>window.__pwned='th'</script>"],
+            "rows": [["<img src=x onerror=\"window.__pwned='td'\">"]],
+        },
+    )
+
+
+@phase(retries=1, backoff=0)
+def retried_once(conn: Connection, ctx: RunContext) -> None:
+    if ctx.run_id not in RETRIED:
+        RETRIED.add(ctx.run_id)
+        raise ConnectionError("first attempt fails")
+
+
+RETRIED: set[int] = set()
+
+
+def test_html_in_an_artifact_is_shown_as_text_and_never_executed(start_server, page):
+    """Markdown with <script> and <img onerror> runs nothing and shows as text; retries show."""
+    csp = _csp_errors(page)
+    server = start_server([(1, "Retried", retried_once), (2, "Hostile", hostile)])
+    with api(server) as client:
+        run_id = client.post("/runs", json={}).json()["id"]
+    wait_for(lambda: run_status(server, run_id) == "completed", timeout=30)
+    details = _open_run(page, server, run_id)
+    artifact = details.get_by_test_id("artifact-hostile")
+    expect(artifact.locator("h1")).to_contain_text("<script>window.__pwned = 'script'</script>")
+    expect(artifact).to_contain_text("<img src=x onerror=")
+    expect(artifact.locator(".artifact-title")).to_contain_text("<img src=x")
+    expect(details.get_by_test_id("artifact-hostile-table")).to_contain_text("<img src=x onerror")
+    assert details.locator("img, script, b").count() == 0
+    expect(details.get_by_test_id("timeline-retries-1")).to_have_text("\u00d72")
+    page.wait_for_timeout(300)  # an image error handler would have fired by now
+    assert page.evaluate("window.__pwned") is None
+    assert page.title() == "Runs · analysis-pipeline"
+    assert csp == []

@@ -62,7 +62,11 @@ def assert_invariants(db_url: str) -> None:
     """`python -m pipeline.check --expect-idle` finds nothing (its output shown otherwise)."""
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.check", "--expect-idle"],
-        env={**os.environ, "PIPELINE_DATABASE_URL": db_url, "PYTHONPATH": str(ROOT)},
+        env={
+            **os.environ,
+            "PIPELINE_DATABASE_URL": db_url,
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        },
         capture_output=True,
         text=True,
         timeout=120,

@@ -304,7 +304,7 @@ def test_json_logs_one_object_per_line_with_run_id_and_traceback(db_url, tmp_pat
         "PIPELINE_DATABASE_URL": db_url,
         "PIPELINE_PHASES": "tests.registries:FAILS",
         "PIPELINE_LOG_FORMAT": "json",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
     }
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "run", "--wait"],

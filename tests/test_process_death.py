@@ -12,6 +12,7 @@ exactly once. Run with `-s` to see where each kill landed.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections import Counter
@@ -209,3 +210,30 @@ def test_sigkill_leaves_no_half_phase_and_every_run_resumes(
             )
             assert _writes(path, run_id) == _expected_writes(range(1, PHASES + 1)), run_id
     _assert_sound(path)
+
+
+def test_a_result_survives_a_sigkill_and_reaches_the_next_phase_after_a_resume(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Phase 2's result, committed before a SIGKILL in phase 3, reaches phase 3 in a new process."""
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    env = {"PIPELINE_PHASES": "tests.registries:RESULTS", "PIPELINE_TEST_DIR": str(signals)}
+    log = tmp_path / "server.log"
+    with ServerProcess(sqlite_url, log, **env) as server, server.client() as client:
+        run_id = client.post("/runs", json={}).json()["id"]
+        wait_for(lambda: (signals / f"in-phase3-{run_id}").exists(), timeout=30)
+        server.kill()
+    (signals / "release").touch()
+    with ServerProcess(sqlite_url, log, **env) as server, server.client() as client:
+        assert client.get(f"/runs/{run_id}").json()["status"] == "failed"
+        assert client.post(f"/runs/{run_id}/resume").status_code == 202
+        wait_for(lambda: client.get(f"/runs/{run_id}").json()["status"] == "completed", timeout=30)
+        run = client.get(f"/runs/{run_id}").json()
+        assert [p["has_result"] for p in run["phases"]] == [False, True, False]
+        assert client.get(f"/runs/{run_id}/phases/2/result").json()["result"] == {
+            "answer": 42,
+            "from": "phase 2",
+        }
+    assert json.loads((signals / f"seen-{run_id}").read_text()) == {"answer": 42, "from": "phase 2"}
+    assert (signals / f"phase2-{run_id}").read_text() == "executed\n"  # not executed again

@@ -29,7 +29,7 @@ def test_idle_and_half_sent_connections_cannot_starve_the_server(sqlite_url, tmp
     env = {
         **os.environ,
         "PIPELINE_DATABASE_URL": sqlite_url,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
         "PIPELINE_HTTP_HEADER_TIMEOUT_SECONDS": "1",
         "PIPELINE_HTTP_MAX_CONNECTIONS": "200",
     }

@@ -32,7 +32,7 @@ class Workers:
             **os.environ,
             "PIPELINE_DATABASE_URL": db_url,
             "PIPELINE_PHASES": "tests.ledger:PHASES",
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
             "PIPELINE_POLL_SECONDS": "0.05",
             "PIPELINE_SWEEP_SECONDS": "0.5",
             **env,

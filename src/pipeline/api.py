@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
@@ -38,7 +38,7 @@ from pipeline.orchestrator import Registry
 from pipeline.params import InvalidParams, parse_json, validate_params
 from pipeline.runs import Outcome, PhasesChanged, Run, RunStatus
 from pipeline.security import StreamSlots
-from pipeline.service import QueueFull, Service
+from pipeline.service import NotFound, QueueFull, Service
 
 log = logging.getLogger("pipeline.api")
 
@@ -75,6 +75,31 @@ class PhaseOut(_Strict):
     started_at: str | None
     finished_at: str | None
     duration_ms: int | None
+    has_result: bool
+
+
+class ArtifactRef(_Strict):
+    key: str
+    phase: int
+    kind: Literal["markdown", "table", "chart"]
+    title: str | None
+
+
+class ArtifactOut(ArtifactRef):
+    created_at: str
+
+
+class ArtifactPage(_Strict):
+    items: list[ArtifactOut]
+
+
+class ArtifactDetail(ArtifactOut):
+    data: Any = Field(description="markdown: a string; table and chart: an object")
+
+
+class ResultOut(_Strict):
+    phase: int
+    result: Any = Field(description="the phase's return value, any JSON value")
 
 
 class RunOut(_Strict):
@@ -95,6 +120,7 @@ class RunOut(_Strict):
     completed_at: str | None
     cancel_requested_at: str | None
     phases: list[PhaseOut]
+    artifacts: list[ArtifactRef]
 
 
 class RunPage(_Strict):
@@ -235,6 +261,8 @@ def parse_create_body(raw: bytes) -> dict[str, Any]:
 # -- the router ----------------------------------------------------------------------
 
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="the run's id")]
+PhaseNum = Annotated[int, Path(ge=1, le=2**31 - 1, description="the phase's number")]
+ArtifactKey = Annotated[str, Path(max_length=200, description="the artifact's key (a slug)")]
 
 
 def _require_token(token: str | None) -> Callable[[Request], None]:
@@ -365,6 +393,42 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
         except PhasesChanged as exc:
             raise HTTPException(409, str(exc)) from None
         return act(outcome, run, run_id, "only failed or cancelled runs can resume")
+
+    def lookup(fetch: Callable[[], Any]) -> Any:
+        try:
+            return fetch()
+        except NotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @router.get(
+        "/runs/{run_id}/phases/{num}/result",
+        response_model=ResultOut,
+        responses={404: {"model": ErrorOut}},
+    )
+    def get_result(run_id: RunId, num: PhaseNum) -> dict[str, Any]:
+        """A phase's result: its return value, stored when it committed."""
+        return {"phase": num, "result": lookup(lambda: service.get_result(run_id, num))}
+
+    @router.get(
+        "/runs/{run_id}/artifacts",
+        response_model=ArtifactPage,
+        responses={404: {"model": ErrorOut}},
+    )
+    def list_artifacts(run_id: RunId) -> dict[str, Any]:
+        """What the run's phases published (without the data), in phase order."""
+        found = lookup(lambda: service.list_artifacts(run_id))
+        return {"items": [a.to_dict() for a in found]}
+
+    @router.get(
+        "/runs/{run_id}/artifacts/{key}",
+        response_model=ArtifactDetail,
+        responses={404: {"model": ErrorOut}},
+    )
+    def get_artifact(run_id: RunId, key: ArtifactKey) -> dict[str, Any]:
+        """One artifact, with its data."""
+        found = lookup(lambda: service.get_artifact(run_id, key))
+        result: dict[str, Any] = found.to_dict()
+        return result
 
     @router.get(
         "/metrics",

@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: migrate, run, status, list (and serve)."""
+"""The ``pipeline`` command: migrate, run, status, show, list (and serve)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.rule import Rule
+from rich.table import Column, Table
 from rich.text import Text
 
-from pipeline import db, runs, serving
+from pipeline import artifacts, db, runs, serving
 from pipeline.config import Settings, get_settings
 from pipeline.logs import configure_logging
 from pipeline.orchestrator import Executor, RegistryError, describe, load_registry
@@ -269,6 +271,112 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+SPARKS = "▁▂▃▄▅▆▇█"
+BAR_WIDTH = 40
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms / 1000:.2f}s" if ms < 60_000 else f"{ms // 60_000}m{ms % 60_000 // 1000:02d}s"
+
+
+def _render_table(data: dict[str, Any]) -> Table:
+    table = Table(*(Column(header=_text(c)) for c in data["columns"]))
+    for row in data["rows"]:
+        table.add_row(*(_text("" if cell is None else cell) for cell in row))
+    return table
+
+
+def _render_chart(console: Console, data: dict[str, Any]) -> None:
+    """A bar chart as a list of bars, a line chart as one sparkline per series."""
+    values = [v for one in data["series"] for v in one["values"] if v is not None]
+    top = max((abs(v) for v in values), default=0) or 1
+    if data["type"] == "bar":
+        width = max((len(_clean(x)) for x in data["x"]), default=0)
+        for one in data["series"]:
+            if len(data["series"]) > 1:
+                console.print(_text(one["name"], "bold"))
+            for x, v in zip(data["x"], one["values"], strict=True):
+                bar = "█" * round(BAR_WIDTH * abs(v) / top) if v is not None else ""
+                shown = "-" if v is None else f"{v:g}"
+                console.print(
+                    Text.assemble(_text(f"{_clean(x):>{width}} "), (bar, "cyan"), f" {shown}")
+                )
+        return
+    low = min(values, default=0)
+    span = (max(values, default=0) - low) or 1
+    for one in data["series"]:
+        line = "".join(
+            " " if v is None else SPARKS[round((len(SPARKS) - 1) * (v - low) / span)]
+            for v in one["values"]
+        )
+        console.print(
+            Text.assemble(
+                _text(one["name"]), " ", (line, "cyan"), _text(f"  {low:g} to {low + span:g}")
+            )
+        )
+
+
+def _render_artifact(console: Console, artifact: artifacts.Artifact) -> None:
+    data = json.loads(artifact.data or "null")
+    heading = artifact.title or artifact.key
+    console.print(Rule(_text(f"{heading} ({artifact.kind}, phase {artifact.phase})"), align="left"))
+    if artifact.kind == "markdown":
+        # Markdown of data is rendered as markdown; rich does not read console
+        # markup in it, and control characters are shown as escapes.
+        console.print(Markdown(_clean(data)))
+    elif artifact.kind == "table":
+        console.print(_render_table(data))
+    else:
+        _render_chart(console, data)
+
+
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    """One run for a person: status, phases with durations, warnings, artifacts."""
+    engine = _engine(settings)
+    with db.read(engine) as conn:
+        run = runs.get_run(conn, run_id=args.run_id)
+        published = artifacts.list_artifacts(conn, run_id=args.run_id) if run else []
+    if run is None:
+        raise UsageError(f"no run with id {args.run_id}")
+    out = Console()
+    head = Text.assemble(
+        (f"run {run.id} ", "bold"),
+        _text(run.status.value, STATUS_STYLES.get(run.status, "")),
+        _text(f"  {run.percent:.1f}%  created {runs.rfc3339(run.created_at)}"),
+    )
+    out.print(head)
+    if run.error_message:
+        out.print(Text.assemble(("error: ", "red"), _text(run.error_message)))
+    phases = Table("#", "phase", "status", "attempts", "duration")
+    for p in run.phases:
+        phases.add_row(
+            _text(p.num),
+            _text(p.label),
+            _text(p.status),
+            _text(p.attempts),
+            _text(_duration(p.duration_ms)),
+        )
+    out.print(phases)
+    for warning in run.warnings:
+        where = "run" if warning.phase is None else f"phase {warning.phase}"
+        out.print(
+            Text.assemble(("warning", "yellow"), _text(f" ({where}): "), _text(warning.message))
+        )
+    for artifact in published:
+        _render_artifact(out, artifact)
+    return 0
+
+
+STATUS_STYLES = {
+    RunStatus.COMPLETED: "green",
+    RunStatus.FAILED: "red",
+    RunStatus.CANCELLED: "yellow",
+    RunStatus.RUNNING: "cyan",
+}
+
+
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     status = RunStatus(args.status) if args.status else None
     with db.read(_engine(settings)) as conn:
@@ -378,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = sub.add_parser("status", help="print one run as JSON")
     status.add_argument("run_id", type=_run_id)
+    show = sub.add_parser("show", help="a run for a person: phases, warnings, its artifacts")
+    show.add_argument("run_id", type=_run_id)
     serve = sub.add_parser("serve", help="the HTTP service and dashboard; runs execute here")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -411,6 +521,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "prune": cmd_prune,
     "status": cmd_status,
+    "show": cmd_show,
     "list": cmd_list,
 }
 

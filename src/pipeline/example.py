@@ -7,8 +7,15 @@ about 3,000 Reddit-style comments in 60 threads, with a few malformed lines.
 1. "Fetching Reddit" reads and validates the comments, pausing per page of
    100 lines as if it were calling a rate-limited API.
 2. "Analyzing comments" scores each comment's sentiment with a small lexicon.
-3. "Aggregating threads" summarises the scores per thread and per author.
-4. "Writing report" logs the most positive and most negative threads.
+3. "Aggregating threads" summarises the scores per thread and per author,
+   and returns the run's figures as its result.
+4. "Writing report" reads those figures from ``ctx.results`` and publishes
+   the report as artifacts: a markdown summary, a table of the most positive
+   and most negative threads, and two charts (the sentiment distribution;
+   comments by hour of the day).
+
+Phases 1 and 3 return their figures (``ctx.results``): they are stored with
+the phase, so the report reads them even after a resume in another process.
 
 It is also the reference for how a phase should treat the database (DESIGN.md,
 "SQLite transactions"). The runner hands each phase a connection inside the
@@ -54,7 +61,16 @@ PAGE_SIZE = 100
 DEFAULT_FETCH_DELAY = 0.05
 MAX_FETCH_DELAY = 5.0
 ANALYZE_PROGRESS_EVERY = 250
-REPORT_TOP = 3
+REPORT_TOP = 5
+# Sentiment buckets of the distribution chart: (label, upper bound, exclusive).
+SENTIMENT_BUCKETS = (
+    ("very negative", -0.5),
+    ("negative", -0.1),
+    ("neutral", 0.1),
+    ("positive", 0.5),
+    ("very positive", math.inf),
+)
+MOOD_NEUTRAL = 0.05  # a mean score within this of 0 is a neutral mood
 
 # Column widths in pipeline.schema: SQLite would store a longer value silently,
 # PostgreSQL would fail the whole phase on it, so the fetch rejects it up front.
@@ -244,7 +260,7 @@ def _dataset_lines() -> list[bytes]:
     return [line.removesuffix(b"\r") for line in lines]
 
 
-def fetch_phase(conn: Connection, ctx: RunContext) -> None:
+def fetch_phase(conn: Connection, ctx: RunContext) -> dict[str, int]:
     """Fetch the comments page by page, validate them, then store them in one burst.
 
     The slow part (a pause per page, standing in for a rate-limited API) and
@@ -289,8 +305,9 @@ def fetch_phase(conn: Connection, ctx: RunContext) -> None:
     ctx.logger.info(
         "fetched %d comments from %d lines (%d malformed, skipped)", len(comments), read, malformed
     )
+    figures = {"lines": read, "kept": len(comments), "skipped": malformed}
     if not comments:
-        return
+        return figures
     conn.execute(
         sa.insert(example_comments),
         [
@@ -305,6 +322,7 @@ def fetch_phase(conn: Connection, ctx: RunContext) -> None:
             for c in comments
         ],
     )
+    return figures
 
 
 # -- 2. analyzing ----------------------------------------------------------------
@@ -372,8 +390,46 @@ def analyze_phase(conn: Connection, ctx: RunContext) -> None:
 # -- 3. aggregating --------------------------------------------------------------
 
 
-def aggregate_phase(conn: Connection, ctx: RunContext) -> None:
-    """Per-thread and per-author statistics, computed where the rows are.
+def _bucket(score: float) -> int:
+    return next(i for i, (_, upper) in enumerate(SENTIMENT_BUCKETS) if score < upper)
+
+
+def _figures(conn: Connection, run_id: int) -> dict[str, Any]:
+    """The run's figures: counts, the mean, the sentiment distribution, comments by hour."""
+    c, s = example_comments, example_scores
+    rows = conn.execute(
+        sa.select(s.c.score, c.c.created_utc)
+        .select_from(
+            sa.join(c, s, sa.and_(s.c.run_id == c.c.run_id, s.c.comment_id == c.c.comment_id))
+        )
+        .where(c.c.run_id == run_id)
+    ).all()
+    distribution = [0] * len(SENTIMENT_BUCKETS)
+    by_hour = [0] * 24
+    for score, created in rows:
+        distribution[_bucket(score)] += 1
+        by_hour[(created // 3600) % 24] += 1
+
+    def count(table: sa.Table) -> int:
+        query = sa.select(sa.func.count()).select_from(table).where(table.c.run_id == run_id)
+        return int(conn.execute(query).scalar_one())
+
+    mean = sum(score for score, _ in rows) / len(rows) if rows else 0.0
+    return {
+        "comments": len(rows),
+        "threads": count(example_thread_stats),
+        "authors": count(example_author_stats),
+        "mean_score": round(mean, 4),
+        "sentiment": {
+            "buckets": [label for label, _ in SENTIMENT_BUCKETS],
+            "counts": distribution,
+        },
+        "comments_by_hour": by_hour,
+    }
+
+
+def aggregate_phase(conn: Connection, ctx: RunContext) -> dict[str, Any]:
+    """Per-thread and per-author statistics, computed where the rows are; returns the figures.
 
     ``INSERT ... SELECT ... GROUP BY`` moves no rows through Python and is the
     same SQL on SQLite and PostgreSQL. ``run_id`` is selected and grouped as a
@@ -413,64 +469,105 @@ def aggregate_phase(conn: Connection, ctx: RunContext) -> None:
         )
     )
     ctx.progress(2, 2)
+    return _figures(conn, ctx.run_id)
 
 
 # -- 4. reporting ----------------------------------------------------------------
 
 
-def _top_threads(conn: Connection, run_id: int, *, most_positive: bool) -> str:
-    """The ``REPORT_TOP`` threads at one end of the scale, as one line of text."""
+def _mood(mean: float) -> str:
+    if mean > MOOD_NEUTRAL:
+        return "positive"
+    if mean < -MOOD_NEUTRAL:
+        return "negative"
+    return "neutral"
+
+
+def _top_threads(conn: Connection, run_id: int, *, most_positive: bool) -> list[list[Any]]:
+    """The ``REPORT_TOP`` threads at one end of the scale, as table rows."""
     t = example_thread_stats
     order = t.c.mean_score.desc() if most_positive else t.c.mean_score.asc()
     rows = conn.execute(
-        sa.select(t.c.thread_id, t.c.mean_score, t.c.comments)
+        sa.select(t.c.thread_id, t.c.mean_score, t.c.comments, t.c.authors)
         .where(t.c.run_id == run_id)
         .order_by(order, t.c.thread_id)
         .limit(REPORT_TOP)
     )
-    return ", ".join(
-        f"{thread_id} ({mean_score:+.3f}, {count} comments)"
-        for thread_id, mean_score, count in rows
+    end = "most positive" if most_positive else "most negative"
+    return [
+        [thread_id, end, round(mean_score, 3), comments, authors]
+        for thread_id, mean_score, comments, authors in rows
+    ]
+
+
+def _summary(fetched: Mapping[str, Any], figures: Mapping[str, Any]) -> str:
+    mean = figures["mean_score"]
+    return "\n".join(
+        [
+            "# Sentiment report",
+            "",
+            f"The overall mood is **{_mood(mean)}** (mean sentiment {mean:+.3f}, from -1 to +1).",
+            "",
+            f"- Threads analysed: {figures['threads']}",
+            f"- Comments kept: {fetched.get('kept', figures['comments'])}",
+            f"- Comments skipped (malformed): {fetched.get('skipped', 0)}",
+            f"- Authors: {figures['authors']}",
+            "",
+            "Scores come from a small lexicon (`pipeline.example.LEXICON`); "
+            "a negator flips the next word.",
+        ]
     )
 
 
 def report_phase(conn: Connection, ctx: RunContext) -> None:
-    """Log a short summary of this run's results; warn when there is nothing to report.
+    """Publish the report: a summary, the extreme threads, and two charts.
 
-    A run that fetched nothing still completes (the empty result is the
-    truth), but the warning makes it visible on the run itself, not only in
-    a log file.
+    The figures come from the aggregate phase's result (``ctx.results[3]``)
+    and the fetch's (``ctx.results[1]``), read from what those phases
+    committed. A run that fetched nothing still completes (the empty result
+    is the truth), with a warning and a one-line report.
     """
-    comments = conn.execute(
-        sa.select(sa.func.count())
-        .select_from(example_comments)
-        .where(example_comments.c.run_id == ctx.run_id)
-    ).scalar_one()
-    if not comments:
+    figures = ctx.results.get(3)
+    fetched = ctx.results.get(1) or {}
+    if not figures or not figures["comments"]:
         ctx.warn("this run has no comments (none were fetched): the report is empty")
+        ctx.artifact(
+            "summary", title="Summary", markdown="# Sentiment report\n\nNo comments were fetched."
+        )
         return
-    mean = conn.execute(
-        sa.select(sa.func.avg(example_scores.c.score)).where(example_scores.c.run_id == ctx.run_id)
-    ).scalar_one()
-    t = example_thread_stats
-    threads = conn.execute(
-        sa.select(sa.func.count()).select_from(t).where(t.c.run_id == ctx.run_id)
-    ).scalar_one()
-    authors = conn.execute(
-        sa.select(sa.func.count())
-        .select_from(example_author_stats)
-        .where(example_author_stats.c.run_id == ctx.run_id)
-    ).scalar_one()
-    ctx.logger.info(
-        "report: %d comments by %d authors in %d threads, mean sentiment %+.3f",
-        comments,
-        authors,
-        threads,
-        mean,
+    ctx.artifact("summary", title="Summary", markdown=_summary(fetched, figures))
+    rows = _top_threads(conn, ctx.run_id, most_positive=True)
+    rows += _top_threads(conn, ctx.run_id, most_positive=False)
+    ctx.artifact(
+        "threads",
+        title="Most positive and most negative threads",
+        table={"columns": ["thread", "end", "mean score", "comments", "authors"], "rows": rows},
     )
-    ctx.logger.info("most positive threads: %s", _top_threads(conn, ctx.run_id, most_positive=True))
+    sentiment = figures["sentiment"]
+    ctx.artifact(
+        "sentiment",
+        title="Sentiment distribution",
+        chart={
+            "type": "bar",
+            "x": sentiment["buckets"],
+            "series": [{"name": "comments", "values": sentiment["counts"]}],
+        },
+    )
+    ctx.artifact(
+        "comments-by-hour",
+        title="Comments by hour of the day (UTC)",
+        chart={
+            "type": "line",
+            "x": list(range(24)),
+            "series": [{"name": "comments", "values": figures["comments_by_hour"]}],
+        },
+    )
     ctx.logger.info(
-        "most negative threads: %s", _top_threads(conn, ctx.run_id, most_positive=False)
+        "report: %d comments in %d threads, mood %s (%+.3f)",
+        figures["comments"],
+        figures["threads"],
+        _mood(figures["mean_score"]),
+        figures["mean_score"],
     )
     ctx.progress(1, 1)
 

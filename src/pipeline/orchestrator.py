@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline import db, liveness, runs
+from pipeline import artifacts, db, liveness, runs
 from pipeline.metrics import Metrics
 from pipeline.runs import RunStatus
 from pipeline.schema import MAX_COUNTER
@@ -189,9 +189,21 @@ class RunLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
 class RunContext:
     """What a phase knows about its run, and how it reports back."""
 
-    def __init__(self, run_id: int, params: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        run_id: int,
+        params: Mapping[str, Any],
+        *,
+        results: Mapping[int, str] | None = None,
+        artifact_keys: Mapping[str, int] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.params = params
+        self._results = artifacts.Results(results)
+        self._published: dict[str, int] = dict(artifact_keys or {})
+        # What the attempt in flight handed over; written when it finishes.
+        self._result: str | None = None
+        self._staged: dict[str, artifacts.Staged] = {}
         self.phase_num = 0
         self.phase_label = ""
         self.warnings: list[str] = []
@@ -239,6 +251,38 @@ class RunContext:
         return tot is None or cur * old_tot < old_cur * tot
 
     @property
+    def results(self) -> Mapping[int, Any]:
+        """Earlier phases' results (their return values) by phase number; read-only.
+
+        Loaded from the database when the run is claimed, so a resumed run
+        sees them too; only what committed is there.
+        """
+        return self._results
+
+    def artifact(
+        self,
+        key: str,
+        *,
+        title: str | None = None,
+        markdown: str | None = None,
+        table: Mapping[str, Any] | None = None,
+        chart: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Publish something a person looks at: exactly one of markdown, table or chart.
+
+        Checked now (``ValueError`` says what is wrong), written when the
+        phase commits, with it; publishing a key again in this phase replaces
+        it. A key an earlier phase published is refused.
+        """
+        staged = artifacts.prepare(key, title=title, markdown=markdown, table=table, chart=chart)
+        earlier = self._published.get(staged.key)
+        if earlier is not None and earlier != self.phase_num:
+            raise ValueError(
+                f"artifact key {staged.key!r} was already published by phase {earlier}"
+            )
+        self._staged[staged.key] = staged
+
+    @property
     def cancel_requested(self) -> bool:
         return self._cancel.is_set()
 
@@ -257,6 +301,19 @@ class RunContext:
         self.logger = RunLogger(
             logging.getLogger("pipeline.run"), {"run_id": self.run_id, "phase": num}
         )
+
+    def _begin_attempt(self) -> None:
+        """A new attempt starts clean: nothing of a rolled-back one is kept."""
+        self._result = None
+        self._staged = {}
+
+    def _committed(self) -> None:
+        """The phase committed: its result is now there for later phases."""
+        if self._result is not None:
+            self._results._add(self.phase_num, self._result)
+        for key in self._staged:
+            self._published[key] = self.phase_num
+        self._begin_attempt()
 
     def _phase_warnings(self) -> list[str]:
         return [str(w) for w in self.warnings[self._phase_warnings_from :]]
@@ -499,7 +556,12 @@ class Executor:
         return True
 
     def _execute(self, conn: Connection, claimed: runs.Claimed, owner: str) -> None:
-        ctx = RunContext(claimed.run_id, claimed.params)
+        ctx = RunContext(
+            claimed.run_id,
+            claimed.params,
+            results=claimed.results,
+            artifact_keys=claimed.artifact_keys,
+        )
         if claimed.cancel_requested:
             ctx._cancel.set()
         started = time.monotonic()
@@ -554,6 +616,7 @@ class Executor:
                     except Exception as truth:  # not ours any more, or still unreachable
                         return self._record_end(conn, ctx, owner, truth)
                     if committed is not None:
+                        ctx._committed()
                         return committed
                 kind = self._retry_kind(policy, exc, retried)
                 if kind is None:
@@ -569,6 +632,7 @@ class Executor:
                     f"retrying in {delay:.1f}s"
                 )
             else:
+                ctx._committed()
                 elapsed = time.monotonic() - attempt_started
                 self.metrics.phase_duration.labels(ctx.phase_label).observe(elapsed)
                 return status
@@ -617,10 +681,10 @@ class Executor:
         following: Phase | None,
     ) -> RunStatus:
         ctx.logger.info("phase started: %s", ctx.phase_label)
+        ctx._begin_attempt()
         with db.translate_errors(), conn.begin() as tx:
-            result = fn(conn, ctx)
-            if result is not None:
-                ctx.logger.debug("phase returned %r; the value is ignored", result)
+            # A result that cannot be stored fails the phase here, rolled back.
+            ctx._result = artifacts.serialize_result(fn(conn, ctx), phase_num=ctx.phase_num)
             if conn.closed or conn.invalidated or not tx.is_active:
                 raise RuntimeError(
                     f"phase {ctx.phase_num} ({ctx.phase_label}) committed, rolled back or closed "
@@ -634,6 +698,8 @@ class Executor:
                 next_phase=None if following is None else (following[0], following[1]),
                 warnings=ctx._phase_warnings(),
                 cancel=ctx.cancel_requested,
+                result=ctx._result,
+                published=list(ctx._staged.values()),
             )
 
     def _record_end(

@@ -12,12 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from pipeline import artifacts
+from pipeline.artifacts import Artifact
 from pipeline.params import validate_params
 from pipeline.schema import analysis_runs as runs_t
 from pipeline.schema import db_now
@@ -57,6 +59,7 @@ class PhaseRecord:
     attempts: int
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    has_result: bool = False
 
     @property
     def duration_ms(self) -> int | None:
@@ -91,6 +94,7 @@ class Run:
     cancel_requested_at: dt.datetime | None
     warnings: tuple[RunWarning, ...] = ()
     phases: tuple[PhaseRecord, ...] = ()
+    artifacts: tuple[Artifact, ...] = ()
 
     @classmethod
     def from_row(
@@ -99,6 +103,7 @@ class Run:
         *,
         warnings: Iterable[RunWarning] = (),
         phases: Iterable[PhaseRecord] = (),
+        published: Iterable[Artifact] = (),
     ) -> Run:
         return cls(
             id=row["id"],
@@ -117,6 +122,7 @@ class Run:
             cancel_requested_at=row["cancel_requested_at"],
             warnings=tuple(warnings),
             phases=tuple(phases),
+            artifacts=tuple(published),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,9 +153,11 @@ class Run:
                     "started_at": rfc3339(p.started_at),
                     "finished_at": rfc3339(p.finished_at),
                     "duration_ms": p.duration_ms,
+                    "has_result": p.has_result,
                 }
                 for p in self.phases
             ],
+            "artifacts": [a.summary() for a in self.artifacts],
         }
 
     def with_live_progress(self, live: tuple[int, int | None, int | None] | None) -> Run:
@@ -229,6 +237,8 @@ def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
     for w in conn.execute(_WARNINGS_OF, {"b_ids": ids}):
         warnings[w.run_id].append(RunWarning(phase=w.phase, message=w.message))
     phases: dict[int, list[PhaseRecord]] = {i: [] for i in ids}
+    with_result = artifacts.result_phases(conn, run_ids=ids)
+    published = artifacts.summaries(conn, run_ids=ids)
     for p in conn.execute(_PHASES_OF, {"b_ids": ids}):
         phases[p.run_id].append(
             PhaseRecord(
@@ -238,10 +248,17 @@ def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
                 attempts=p.attempts,
                 started_at=p.started_at,
                 finished_at=p.finished_at,
+                has_result=p.phase_num in with_result[p.run_id],
             )
         )
     return [
-        Run.from_row(row, warnings=warnings[row["id"]], phases=phases[row["id"]]) for row in rows
+        Run.from_row(
+            row,
+            warnings=warnings[row["id"]],
+            phases=phases[row["id"]],
+            published=published[row["id"]],
+        )
+        for row in rows
     ]
 
 
@@ -464,6 +481,9 @@ class Claimed:
     params: Mapping[str, Any]
     first_phase: int
     cancel_requested: bool
+    # What its committed phases produced: results as JSON text, artifact keys.
+    results: Mapping[int, str] = field(default_factory=dict)
+    artifact_keys: Mapping[str, int] = field(default_factory=dict)
 
 
 _b = sa.bindparam
@@ -561,7 +581,15 @@ def _claim_row(
         },
     ).one()
     conn.execute(_START_PHASE, {"b_run": row.id, "b_phase": first, "b_now": result.heartbeat_at})
-    return Claimed(row.id, row.params, first, result.cancel_requested_at is not None)
+    resumed = row.started_at is not None
+    return Claimed(
+        row.id,
+        row.params,
+        first,
+        result.cancel_requested_at is not None,
+        results=artifacts.load_results(conn, run_id=row.id) if resumed else {},
+        artifact_keys=artifacts.published_keys(conn, run_id=row.id) if resumed else {},
+    )
 
 
 # -- the runner's hot path: statements built once --------------------------------
@@ -693,11 +721,14 @@ def finish_phase(
     next_phase: tuple[int, str] | None,
     warnings: Sequence[str],
     cancel: bool = False,
+    result: str | None = None,
+    published: Sequence[artifacts.Staged] = (),
 ) -> RunStatus:
     """Record phase ``phase_num`` complete and cross the boundary to the next one.
 
-    Runs inside the phase's own transaction, so the phase's writes and this
-    record commit together. Returns the run's status after the boundary:
+    Runs inside the phase's own transaction, so the phase's writes, its
+    result and artifacts (``pipeline.artifacts``) and this record commit
+    together. Returns the run's status after the boundary:
     running, completed, or cancelled (a cancel request waiting at this
     boundary: recorded in the row, or ``cancel`` known in this process).
     """
@@ -711,6 +742,9 @@ def finish_phase(
         raise RunLost(f"run {run_id} is no longer owned by this runner")
     params["b_now"] = row.now
     add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
+    artifacts.save(
+        conn, run_id=run_id, phase_num=phase_num, result=result, artifacts=published, now=row.now
+    )
     if next_phase is None:
         conn.execute(_COMPLETE_PHASE, params)
         return RunStatus.COMPLETED

@@ -148,6 +148,46 @@ run_warnings = sa.Table(
 )
 
 
+ARTIFACT_KINDS = ("markdown", "table", "chart")
+
+# A phase's return value (pipeline.artifacts): JSON text, written with the
+# phase's completion record. Text rather than JSON: the text is what was
+# checked (no NaN, at most 1 MiB), and it is stored and served as it is.
+run_results = sa.Table(
+    "run_results",
+    metadata,
+    sa.Column(
+        "run_id",
+        RunId,
+        sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("phase_num", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+# What a phase published for a person to look at (pipeline.artifacts).
+run_artifacts = sa.Table(
+    "run_artifacts",
+    metadata,
+    sa.Column(
+        "run_id",
+        RunId,
+        sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("phase_num", sa.Integer, nullable=False),
+    # Order of publication within the phase: artifacts are listed in phase order.
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("title", sa.String(200)),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint(_in("kind", ARTIFACT_KINDS), name="ck_run_artifacts_kind"),
+)
+
+
 # -- the example pipeline's result tables (pipeline.example) -----------------
 
 

@@ -6,6 +6,7 @@ the same ones, so what they measure is what a request does.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -16,7 +17,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import db, retention, runs
+from pipeline import artifacts, db, retention, runs
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.orchestrator import Executor, Registry, load_registry, phase_labels
@@ -24,6 +25,10 @@ from pipeline.runs import Outcome, Run, RunStatus
 from pipeline.schema import analysis_runs
 
 log = logging.getLogger("pipeline.service")
+
+
+class NotFound(LookupError):
+    """No such run, phase, result or artifact; the message says which."""
 
 
 class QueueFull(Exception):
@@ -219,6 +224,34 @@ class Service:
         if outcome is Outcome.DONE and self.execute:
             self.executor.wake()
         return outcome, self.get_run(run_id)
+
+    def get_result(self, run_id: int, phase_num: int) -> Any:
+        """A phase's result (decoded JSON); :class:`NotFound` says what is missing."""
+        with db.read(self.engine) as conn:
+            if runs.get_status(conn, run_id=run_id) is None:
+                raise NotFound(f"no run with id {run_id}")
+            text = artifacts.get_result(conn, run_id=run_id, phase_num=phase_num)
+            if text is None and phase_num not in dict(runs.recorded_phases(conn, run_id=run_id)):
+                raise NotFound(f"run {run_id} has no phase {phase_num}")
+        if text is None:
+            raise NotFound(f"phase {phase_num} of run {run_id} has no result")
+        return json.loads(text)
+
+    def list_artifacts(self, run_id: int) -> list[artifacts.Artifact]:
+        """A run's artifacts without their data, in phase order."""
+        with db.read(self.engine) as conn:
+            if runs.get_status(conn, run_id=run_id) is None:
+                raise NotFound(f"no run with id {run_id}")
+            return artifacts.summaries(conn, run_ids=[run_id])[run_id]
+
+    def get_artifact(self, run_id: int, key: str) -> artifacts.Artifact:
+        with db.read(self.engine) as conn:
+            if runs.get_status(conn, run_id=run_id) is None:
+                raise NotFound(f"no run with id {run_id}")
+            found = artifacts.get_artifact(conn, run_id=run_id, key=key)
+        if found is None:
+            raise NotFound(f"run {run_id} has no artifact {key[:64]!r}")
+        return found
 
     def _count_by_status(self) -> dict[str, int]:
         with db.read(self.engine) as conn:

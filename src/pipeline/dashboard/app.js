@@ -26,6 +26,8 @@
     detailsKey: "",         // what the details panel last rendered
     pending: new Set(),     // "cancel-3", "resume-3": actions in flight
     loaded: false,
+    artifacts: new Map(),   // "runId/key" -> artifact with data, or {failed: true}
+    sorts: new Map(),       // "runId/key" -> a table's sort, kept across redraws
   };
 
   // -- small DOM helpers -----------------------------------------------------
@@ -524,6 +526,18 @@
         })));
     }
 
+    if (phases.length) {
+      children.push(h("h3", { className: "section-title" }, "Timeline"));
+      children.push(window.PipelineRender.timeline(phases, formatDuration, Date.now()));
+    }
+
+    const published = run.artifacts || [];
+    if (published.length) {
+      children.push(h("h3", { className: "section-title" }, "Report"));
+      children.push(h("div", { className: "artifacts", "data-testid": "details-artifacts" },
+        published.map((a) => renderArtifact(run.id, a))));
+    }
+
     const warnings = run.warnings || [];
     children.push(h("h3", { className: "section-title" }, `Warnings${warnings.length ? ` (${warnings.length})` : ""}`));
     if (!warnings.length) {
@@ -539,6 +553,49 @@
     children.push(h("pre", { className: "code", "data-testid": "details-params" },
       JSON.stringify(run.params || {}, null, 2)));
     panel.replaceChildren(...children);
+  }
+
+  /** One artifact: its title and its renderer's output, once its data has arrived. */
+  function renderArtifact(runId, summary) {
+    const id = `${runId}/${summary.key}`;
+    const section = h("section", {
+      className: `artifact artifact-${summary.kind}`, "data-testid": `artifact-${summary.key}`, "data-kind": summary.kind,
+    }, h("h4", { className: "artifact-title" }, summary.title || summary.key));
+    const loaded = state.artifacts.get(id);
+    if (!loaded) {
+      section.append(h("p", { className: "muted small" }, "Loading…"));
+      loadArtifact(runId, summary.key);
+    } else if (loaded.failed) {
+      section.append(h("p", { className: "muted small" }, "This artifact could not be loaded."));
+    } else if (loaded.kind === "markdown") {
+      section.append(window.PipelineRender.markdown(loaded.data));
+    } else if (loaded.kind === "table") {
+      if (!state.sorts.has(id)) state.sorts.set(id, { column: null, descending: false });
+      section.append(window.PipelineRender.table(loaded.data, state.sorts.get(id)));
+    } else {
+      section.append(window.PipelineRender.chart(loaded.data));
+    }
+    return section;
+  }
+
+  const loadingArtifacts = new Set();
+
+  async function loadArtifact(runId, key) {
+    const id = `${runId}/${key}`;
+    if (loadingArtifacts.has(id)) return;
+    loadingArtifacts.add(id);
+    try {
+      const response = await api(`runs/${runId}/artifacts/${encodeURIComponent(key)}`);
+      state.artifacts.set(id, response.ok ? await readJson(response) : { failed: true });
+    } catch (err) {
+      state.artifacts.set(id, { failed: true });
+    } finally {
+      loadingArtifacts.delete(id);
+    }
+    if (state.selected === runId) {
+      state.detailsKey = "";
+      renderDetails();
+    }
   }
 
   /** The details' buttons: kept (same elements) while they would not change, so a
