@@ -38,6 +38,7 @@ from .conftest import read_run, scalar, wait_for
 
 RUN_FIELDS = {
     "id",
+    "pipeline",
     "status",
     "params",
     "current_phase",

@@ -12,17 +12,20 @@ from pipeline.orchestrator import (
     start_run,
     validate_registry,
 )
+from pipeline.pipelines import Pipeline, load_pipelines
 from pipeline.runs import Run, RunStatus
 
 __all__ = [
     "Executor",
     "PhaseFn",
+    "Pipeline",
     "Registry",
     "RegistryError",
     "Run",
     "RunCancelled",
     "RunContext",
     "RunStatus",
+    "load_pipelines",
     "load_registry",
     "phase",
     "start_run",

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
@@ -34,8 +34,9 @@ from starlette.types import Receive, Scope, Send
 from pipeline import db, security
 from pipeline.config import Settings, get_settings
 from pipeline.metrics import Metrics
-from pipeline.orchestrator import Registry
+from pipeline.orchestrator import UnknownPipeline, retry_policy
 from pipeline.params import InvalidParams, parse_json, validate_params
+from pipeline.pipelines import Pipeline, Registry, field_errors
 from pipeline.runs import Outcome, PhasesChanged, Run, RunStatus
 from pipeline.security import StreamSlots
 from pipeline.service import NotFound, QueueFull, Service
@@ -104,6 +105,7 @@ class ResultOut(_Strict):
 
 class RunOut(_Strict):
     id: int
+    pipeline: str
     status: RunStatus
     params: dict[str, Any]
     current_phase: int | None
@@ -121,6 +123,25 @@ class RunOut(_Strict):
     cancel_requested_at: str | None
     phases: list[PhaseOut]
     artifacts: list[ArtifactRef]
+
+
+class PipelinePhaseOut(_Strict):
+    num: int
+    label: str
+    retries: int
+
+
+class PipelineOut(_Strict):
+    name: str
+    description: str
+    phases: list[PipelinePhaseOut]
+    params_schema: dict[str, Any] | None = Field(
+        description="the params model's JSON Schema; null: any JSON object"
+    )
+
+
+class PipelinePage(_Strict):
+    items: list[PipelineOut]
 
 
 class RunPage(_Strict):
@@ -210,10 +231,20 @@ _CREATE_SCHEMA = {
                 "type": "object",
                 "additionalProperties": False,
                 "properties": {
+                    "pipeline": {
+                        "anyOf": [{"type": "string"}, {"type": "null"}],
+                        "description": (
+                            "the pipeline to run (GET /pipelines); may be left out "
+                            "only when the service has exactly one"
+                        ),
+                    },
                     "params": {
                         "anyOf": [{"type": "object"}, {"type": "null"}],
-                        "description": "the run's parameters, given to every phase",
-                    }
+                        "description": (
+                            "the run's parameters, given to every phase; checked by the "
+                            "pipeline's params model (its params_schema) if it has one"
+                        ),
+                    },
                 },
             }
         }
@@ -237,25 +268,47 @@ async def _read_limited(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def parse_create_body(raw: bytes) -> dict[str, Any]:
-    """The params of ``POST /runs``, or a 422 that says what is wrong (``pipeline.params``)."""
+def parse_create_body(raw: bytes) -> tuple[str | None, dict[str, Any]]:
+    """The pipeline and params of ``POST /runs``, or a 422 that says what is wrong.
+
+    Params pass ``pipeline.params`` here; the pipeline's params model, if it
+    has one, checks them next (``Service.create_run``).
+    """
     if len(raw) > MAX_BODY_BYTES:
         raise _bad_body(f"the body is larger than {MAX_BODY_BYTES // 1024} KiB")
     if not raw.strip():
-        return {}
+        return None, {}
     try:
         payload = parse_json(raw)
     except InvalidParams as exc:
         raise _bad_body(f"the body is {exc}" if str(exc).startswith("not ") else str(exc)) from None
     if not isinstance(payload, dict):
         raise _bad_body('the body must be a JSON object, like {"params": {}}')
-    unknown = sorted(set(payload) - {"params"})
+    unknown = sorted(set(payload) - {"params", "pipeline"})
     if unknown:
-        raise _bad_body(f"unknown field(s): {', '.join(unknown)}; only 'params' is accepted")
+        raise _bad_body(
+            f"unknown field(s): {', '.join(unknown)}; only 'pipeline' and 'params' are accepted"
+        )
+    pipeline = payload.get("pipeline")
+    if pipeline is not None and not isinstance(pipeline, str):
+        raise _bad_body("'pipeline' must be a pipeline's name (a string)")
     try:
-        return validate_params(payload.get("params"))
+        return pipeline, validate_params(payload.get("params"))
     except InvalidParams as exc:
         raise _bad_body(str(exc)) from None
+
+
+def describe_pipeline(pipeline: Pipeline) -> dict[str, Any]:
+    """A pipeline as ``GET /pipelines`` shows it."""
+    return {
+        "name": pipeline.name,
+        "description": pipeline.description,
+        "phases": [
+            {"num": num, "label": label, "retries": retry_policy(fn).retries}
+            for num, label, fn in pipeline.phases
+        ],
+        "params_schema": pipeline.params_schema(),
+    }
 
 
 # -- the router ----------------------------------------------------------------------
@@ -328,7 +381,14 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
         openapi_extra={"requestBody": _CREATE_SCHEMA},
         responses={
             415: {"model": ErrorOut, "description": "the body is not application/json"},
-            422: {"model": ErrorOut},
+            422: {
+                "model": ErrorOut,
+                "description": (
+                    "a malformed body, an unknown pipeline (the known ones listed), or params "
+                    "the pipeline's model refuses: then detail is every field error, "
+                    "[{loc, msg, type}]"
+                ),
+            },
             429: {"model": ErrorOut, "description": "too many runs queued; retry later"},
         },
     )
@@ -338,9 +398,15 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
             raw = await _read_limited(request)
         except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing done
             raise HTTPException(400, "the request body was not received") from None
-        params = parse_create_body(raw)
+        pipeline, params = parse_create_body(raw)
         try:
-            run = await anyio.to_thread.run_sync(service.create_run, params)
+            run = await anyio.to_thread.run_sync(service.create_run, params, pipeline)
+        except UnknownPipeline as exc:
+            raise _bad_body(str(exc)) from None
+        except InvalidParams as exc:
+            raise _bad_body(str(exc)) from None
+        except ValidationError as exc:
+            raise HTTPException(422, field_errors(exc)) from None
         except QueueFull as exc:
             return security.busy(str(exc), status=429, retry_after=QUEUE_FULL_RETRY_AFTER_SECONDS)
         response.headers["Location"] = request.url_for("get_run", run_id=run.id).path
@@ -351,10 +417,21 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
         status: RunStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         before: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+        pipeline: Annotated[
+            str | None,
+            Query(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="only runs of this pipeline"),
+        ] = None,
     ) -> dict[str, Any]:
         """Runs, newest first; pass ``next_before`` as ``before`` for the next page."""
-        page, cursor = service.list_runs(status=status, limit=limit, before=before)
+        page, cursor = service.list_runs(
+            status=status, limit=limit, before=before, pipeline=pipeline
+        )
         return {"items": [run.to_dict() for run in page], "next_before": cursor}
+
+    @router.get("/pipelines", response_model=PipelinePage)
+    def list_pipelines() -> dict[str, Any]:
+        """The pipelines this service runs: phases, retries and params schema."""
+        return {"items": [describe_pipeline(p) for p in service.pipelines.values()]}
 
     @router.get("/runs/{run_id}", response_model=RunOut, responses={404: {"model": ErrorOut}})
     def get_run(run_id: RunId) -> dict[str, Any]:
@@ -515,7 +592,7 @@ def _docs_assets_dir() -> Any:
 def create_app(
     settings: Settings | None = None,
     *,
-    registry: Registry | None = None,
+    registry: Registry | Pipeline | Sequence[Pipeline] | None = None,
     bound_host: str | None = None,
 ) -> FastAPI:
     """The whole service: the runs API at the root, the dashboard at ``/``, ``/healthz``.

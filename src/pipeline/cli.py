@@ -27,8 +27,9 @@ from rich.text import Text
 from pipeline import artifacts, db, runs, serving
 from pipeline.config import Settings, get_settings
 from pipeline.logs import configure_logging
-from pipeline.orchestrator import Executor, RegistryError, describe, load_registry
+from pipeline.orchestrator import Executor, RegistryError, UnknownPipeline, describe
 from pipeline.params import InvalidParams, parse_json, validate_params
+from pipeline.pipelines import load_pipelines, one_line
 from pipeline.runs import RunStatus
 
 EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.FAILED: 1, RunStatus.CANCELLED: 2}
@@ -161,23 +162,31 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     params = _params(args.params)
-    registry = load_registry(settings.phases)  # a broken registry is refused either way
-    engine = _engine(settings)
-    if not args.wait:
-        with db.write(engine) as conn:
-            run_id = runs.create_run(conn, params=params).id
-        print(run_id)
-        _say(f"run {run_id} queued; a `pipeline serve` or `pipeline worker` will execute it")
-        return 0
+    loaded = load_pipelines(settings.phases)  # a broken registry is refused either way
     executor = Executor(
         settings.database_url,
-        registry,
+        loaded,
         heartbeat_seconds=settings.heartbeat_seconds,
         busy_timeout_ms=settings.busy_timeout_ms,
     )
+    try:
+        chosen = executor.pipeline(args.pipeline)
+    except UnknownPipeline as exc:
+        raise UsageError(f"--pipeline: {exc}") from None
+    try:
+        params, _ = chosen.check_params(params)
+    except ValidationError as exc:
+        raise UsageError(f"--params: {one_line(exc)}") from None
+    engine = _engine(settings)
+    if not args.wait:
+        with db.write(engine) as conn:
+            run_id = runs.create_run(conn, params=params, pipeline=chosen.name).id
+        print(run_id)
+        _say(f"run {run_id} queued; a `pipeline serve` or `pipeline worker` will execute it")
+        return 0
     executor.sweep(engine, lease_seconds=settings.lease_seconds, requeue=settings.auto_resume)
-    run_id, thread = executor.start_reserved(params)
-    _say(f"run {run_id} started ({len(registry)} phases); Ctrl-C cancels it")
+    run_id, thread = executor.start_reserved(params, pipeline=chosen.name)
+    _say(f"run {run_id} of {chosen.name} started ({len(chosen.phases)} phases); Ctrl-C cancels it")
     status = _watch(engine, executor, run_id, thread)
     run = _read_run(engine, run_id)
     if run is not None:
@@ -381,10 +390,11 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     status = RunStatus(args.status) if args.status else None
     with db.read(_engine(settings)) as conn:
         page, _ = runs.list_runs(conn, status=status, limit=args.limit)
-    table = Table("id", "status", "phase", "progress", "created", "error")
+    table = Table("id", "pipeline", "status", "phase", "progress", "created", "error")
     for run in page:
         table.add_row(  # Text cells: a stored value is never read as markup
             _text(run.id),
+            _text(run.pipeline),
             _text(run.status.value),
             _text(f"{run.current_phase or '-'} {run.phase_label or ''}"),
             _text(f"{run.percent:.1f}%"),
@@ -478,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("migrate", help="bring the database to the head migration")
     run = sub.add_parser("run", help="start a run of the configured registry")
+    run.add_argument("--pipeline", help="the pipeline to run (required when several are loaded)")
     run.add_argument("--params", help="the run's parameters, a JSON object")
     run.add_argument(
         "--wait",

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./pipeline.db"
-DEFAULT_PHASES = "pipeline.example:PHASES"
+DEFAULT_PHASES = "pipeline.example:PIPELINE"
 
 
 class Settings(BaseSettings):

@@ -43,12 +43,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline.orchestrator import PhaseFn, RunContext
+from pipeline.pipelines import Pipeline
 from pipeline.schema import (
     example_author_stats,
     example_comments,
@@ -578,3 +580,32 @@ PHASES: list[tuple[int, str, PhaseFn]] = [
     (3, "Aggregating threads", aggregate_phase),
     (4, "Writing report", report_phase),
 ]
+
+
+class ExampleParams(pydantic.BaseModel):
+    """What a run of the example may be given; bad values are a 422, not a failed run."""
+
+    fetch_delay: Annotated[
+        float,
+        pydantic.Field(
+            ge=0,
+            le=MAX_FETCH_DELAY,
+            allow_inf_nan=False,
+            description=f"Seconds to pause per page while fetching, 0 to {MAX_FETCH_DELAY:g}.",
+        ),
+    ] = DEFAULT_FETCH_DELAY
+    limit: Annotated[
+        int | None,
+        pydantic.Field(ge=1, description="Read at most this many comments (default: all)."),
+    ] = None
+
+
+# The default PIPELINE_PHASES: the example with its params model. Named like
+# the plain PHASES loads ("phases"), which is also the name migration 0004 gave
+# the runs made before pipelines existed, so they go on under it.
+PIPELINE = Pipeline(
+    "phases",
+    PHASES,
+    params=ExampleParams,
+    description="The example: sentiment of a bundled Reddit comment dump, with a report.",
+)

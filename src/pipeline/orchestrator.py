@@ -9,7 +9,6 @@ names the phase in flight (DESIGN.md, "One run's life").
 
 from __future__ import annotations
 
-import importlib
 import logging
 import random
 import threading
@@ -24,76 +23,27 @@ from sqlalchemy.engine import Connection, Engine
 
 from pipeline import artifacts, db, liveness, runs
 from pipeline.metrics import Metrics
+from pipeline.params import validate_params
+from pipeline.pipelines import DEFAULT_NAME, Pipeline, as_pipelines
+
+# Where they lived before pipelines.py; kept importable from here.
+from pipeline.pipelines import MAX_LABEL_LENGTH as MAX_LABEL_LENGTH
+from pipeline.pipelines import Phase as Phase
+from pipeline.pipelines import PhaseFn as PhaseFn
+from pipeline.pipelines import Registry as Registry
+from pipeline.pipelines import RegistryError as RegistryError
+from pipeline.pipelines import load_pipelines as load_pipelines
+from pipeline.pipelines import load_registry as load_registry
+from pipeline.pipelines import validate_registry as validate_registry
 from pipeline.runs import RunStatus
 from pipeline.schema import MAX_COUNTER
 
 log = logging.getLogger("pipeline.orchestrator")
 
-PhaseFn = Callable[[Connection, "RunContext"], object]
-Phase = tuple[int, str, PhaseFn]
-Registry = Sequence[Phase]
-
 T = TypeVar("T")
 
 
 # -- the registry --------------------------------------------------------------
-
-
-MAX_LABEL_LENGTH = 200  # analysis_runs.phase_label and run_phases.label
-
-
-class RegistryError(ValueError):
-    """A registry that would make runs lie about their phases."""
-
-
-def validate_registry(phases: object) -> list[Phase]:
-    """Check the registry's shape before any run starts, and return it as a list."""
-    if isinstance(phases, str | bytes) or not isinstance(phases, Sequence):
-        kind = type(phases).__name__
-        raise RegistryError(
-            f"a registry is a list of (phase_num, phase_label, callable), not {kind}"
-        )
-    if not phases:
-        raise RegistryError("the registry has no phases")
-    checked: list[Phase] = []
-    for index, entry in enumerate(phases, start=1):
-        if not isinstance(entry, tuple) or len(entry) != 3:
-            raise RegistryError(f"entry {index} is not a (phase_num, phase_label, callable) tuple")
-        num, label, fn = entry
-        if isinstance(num, bool) or not isinstance(num, int):
-            raise RegistryError(f"entry {index}: phase number {num!r} is not an integer")
-        if num != index:
-            problem = "repeats" if any(n == num for n, _, _ in checked) else "is out of order"
-            raise RegistryError(
-                f"entry {index}: phase number {num} {problem}; "
-                f"phases must be numbered 1..n with no gaps or repeats (expected {index})"
-            )
-        if not isinstance(label, str) or not label.strip():
-            raise RegistryError(f"phase {num}: the label must be a non-empty string")
-        if len(label) > MAX_LABEL_LENGTH:
-            raise RegistryError(
-                f"phase {num}: the label is longer than {MAX_LABEL_LENGTH} characters"
-            )
-        if not callable(fn):
-            raise RegistryError(f"phase {num} ({label}): {fn!r} is not callable")
-        checked.append((num, label, fn))
-    return checked
-
-
-def load_registry(spec: str) -> list[Phase]:
-    """Import ``package.module:NAME`` and validate it (``PIPELINE_PHASES``)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise RegistryError(f"PIPELINE_PHASES must look like 'package.module:NAME', not {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # ImportError, or any error raised by the module's own code
-        raise RegistryError(f"cannot import {module_name!r} for the registry: {exc}") from exc
-    try:
-        phases = getattr(module, attr)
-    except AttributeError:
-        raise RegistryError(f"module {module_name!r} has no attribute {attr!r}") from None
-    return validate_registry(phases)
 
 
 def phase_labels(registry: Registry) -> list[tuple[int, str]]:
@@ -171,6 +121,10 @@ def retry_policy(fn: PhaseFn) -> RetryPolicy:
 # -- what a phase may use -------------------------------------------------------
 
 
+class UnknownPipeline(LookupError):
+    """No pipeline of that name here, or none named where several are; the message lists them."""
+
+
 class RunCancelled(Exception):
     """Raised by :meth:`RunContext.raise_if_cancelled`; the phase rolls back."""
 
@@ -196,9 +150,14 @@ class RunContext:
         *,
         results: Mapping[int, str] | None = None,
         artifact_keys: Mapping[str, int] | None = None,
+        args: Any = None,
+        pipeline: str = DEFAULT_NAME,
     ) -> None:
         self.run_id = run_id
+        self.pipeline = pipeline
         self.params = params
+        # The params model's instance (None for a pipeline without a model).
+        self.args = args
         self._results = artifacts.Results(results)
         self._published: dict[str, int] = dict(artifact_keys or {})
         # What the attempt in flight handed over; written when it finishes.
@@ -378,7 +337,11 @@ def _tx(conn: Connection) -> Iterator[Connection]:
 
 
 class Executor:
-    """Executes runs of one registry against one database, inside this process.
+    """Executes runs of its pipelines against one database, inside this process.
+
+    ``registry`` is a plain registry (the pipeline ``"phases"``), a
+    :class:`Pipeline` or a list of them; only runs of those pipelines are
+    claimed.
 
     Up to ``max_concurrent`` runner threads claim queued runs in id order, each
     with its own engine and connection, until the queue is empty. A heartbeat
@@ -389,7 +352,7 @@ class Executor:
     def __init__(
         self,
         url: str,
-        registry: Registry,
+        registry: Registry | Pipeline | Sequence[Pipeline],
         *,
         max_concurrent: int = 4,
         heartbeat_seconds: float = 1.0,
@@ -398,7 +361,9 @@ class Executor:
     ) -> None:
         self.url = url
         self.metrics = metrics or Metrics()
-        self.registry = validate_registry(registry)
+        self.pipelines = {p.name: p for p in as_pipelines(registry)}
+        # The first pipeline's phases: what code written for one registry reads.
+        self.registry = list(next(iter(self.pipelines.values())).phases)
         self.max_concurrent = max_concurrent
         self.heartbeat_seconds = heartbeat_seconds
         self.busy_timeout_ms = busy_timeout_ms
@@ -416,16 +381,39 @@ class Executor:
 
     # -- starting runs --
 
-    def start_reserved(self, params: Mapping[str, Any]) -> tuple[int, threading.Thread]:
+    def pipeline(self, name: str | None) -> Pipeline:
+        """The pipeline called ``name`` (None: the only one); :class:`UnknownPipeline` if none."""
+        if name is None:
+            if len(self.pipelines) == 1:
+                return next(iter(self.pipelines.values()))
+            raise UnknownPipeline(
+                f"name the pipeline: this service has several ({self.known_names()})"
+            )
+        found = self.pipelines.get(name)
+        if found is None:
+            raise UnknownPipeline(f"no pipeline named {name!r}; known: {self.known_names()}")
+        return found
+
+    def known_names(self) -> str:
+        return ", ".join(sorted(self.pipelines))
+
+    def start_reserved(
+        self, params: Mapping[str, Any], *, pipeline: str | None = None
+    ) -> tuple[int, threading.Thread]:
         """Create a run owned by this process from the start and execute it in a new thread.
 
         No other executor may claim it (``pipeline run --wait``, :func:`start_run`).
+        Raises :class:`UnknownPipeline`, :class:`pipeline.params.InvalidParams`
+        or :class:`pydantic.ValidationError` (the params model's) before writing.
         """
+        chosen = self.pipeline(pipeline)
+        stored, _ = chosen.check_params(validate_params(params))
         engine = db.create_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
         try:
             owner = f"{self.identity}:pipeline-run-reserved"
             run_id = _retry_on_lock(
-                lambda: self._insert(engine, params, owner=owner), what="create a run"
+                lambda: self._insert(engine, stored, owner=owner, pipeline=chosen.name),
+                what="create a run",
             )
         finally:
             engine.dispose()
@@ -438,12 +426,14 @@ class Executor:
         self._start(thread)
         return run_id, thread
 
-    def _insert(self, engine: Engine, params: Mapping[str, Any], *, owner: str) -> int:
+    def _insert(
+        self, engine: Engine, params: Mapping[str, Any], *, owner: str, pipeline: str
+    ) -> int:
         """Insert a reserved run, held for this process before anyone can see it."""
         run_id = None
         try:
             with db.write(engine) as conn:
-                run_id = runs.create_run(conn, params=params, owner=owner).id
+                run_id = runs.create_run(conn, params=params, owner=owner, pipeline=pipeline).id
                 liveness.EXECUTING.hold(self.url, run_id)
         except BaseException:
             if run_id is not None:
@@ -523,7 +513,7 @@ class Executor:
         """Claim one run and execute it; False when there was nothing to claim."""
         thread = threading.current_thread()
         owner = owner or f"{self.identity}:{thread.name}"
-        labels = phase_labels(self.registry)
+        labels = {name: p.labels for name, p in self.pipelines.items()}
 
         def claim() -> runs.Claimed | None:
             # Held inside the transaction: once the claim is visible, so is the hold.
@@ -556,11 +546,15 @@ class Executor:
         return True
 
     def _execute(self, conn: Connection, claimed: runs.Claimed, owner: str) -> None:
+        chosen = self.pipelines[claimed.pipeline]  # claims take only runs of these
+        registry = chosen.phases
         ctx = RunContext(
             claimed.run_id,
             claimed.params,
             results=claimed.results,
             artifact_keys=claimed.artifact_keys,
+            args=chosen.instance(claimed.params),
+            pipeline=chosen.name,
         )
         if claimed.cancel_requested:
             ctx._cancel.set()
@@ -570,9 +564,9 @@ class Executor:
             with self._lock:
                 self._active[claimed.run_id] = (ctx, owner)
             self._heartbeat.ensure_running()
-            for index in range(claimed.first_phase - 1, len(self.registry)):
-                num, label, fn = self.registry[index]
-                following = self.registry[index + 1] if index + 1 < len(self.registry) else None
+            for index in range(claimed.first_phase - 1, len(registry)):
+                num, label, fn = registry[index]
+                following = registry[index + 1] if index + 1 < len(registry) else None
                 ctx._enter_phase(num, label)
                 status = self._attempt_phase(conn, ctx, fn, owner, following)
                 if status is RunStatus.COMPLETED:
@@ -851,7 +845,9 @@ class Executor:
 def start_run(
     url: str,
     params: Mapping[str, Any] | None = None,
-    registry: Registry | None = None,
+    registry: Registry | Pipeline | Sequence[Pipeline] | None = None,
+    *,
+    pipeline: str | None = None,
 ) -> tuple[int, threading.Thread]:
     """Create a run and execute it at once in a non-daemon thread named after it.
 
@@ -860,5 +856,5 @@ def start_run(
     if registry is None:
         from pipeline.config import get_settings
 
-        registry = load_registry(get_settings().phases)
-    return Executor(url, registry).start_reserved(params or {})
+        registry = load_pipelines(get_settings().phases)
+    return Executor(url, registry).start_reserved(params or {}, pipeline=pipeline)

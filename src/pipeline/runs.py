@@ -21,6 +21,7 @@ from sqlalchemy.engine import Connection, RowMapping
 from pipeline import artifacts
 from pipeline.artifacts import Artifact
 from pipeline.params import validate_params
+from pipeline.pipelines import DEFAULT_NAME as DEFAULT_PIPELINE
 from pipeline.schema import analysis_runs as runs_t
 from pipeline.schema import db_now
 from pipeline.schema import run_phases as phases_t
@@ -95,6 +96,7 @@ class Run:
     warnings: tuple[RunWarning, ...] = ()
     phases: tuple[PhaseRecord, ...] = ()
     artifacts: tuple[Artifact, ...] = ()
+    pipeline: str = DEFAULT_PIPELINE
 
     @classmethod
     def from_row(
@@ -107,6 +109,7 @@ class Run:
     ) -> Run:
         return cls(
             id=row["id"],
+            pipeline=row["pipeline"],
             status=RunStatus(row["status"]),
             params=row["params"],
             current_phase=row["current_phase"],
@@ -129,6 +132,7 @@ class Run:
         """The Run JSON of DESIGN.md's HTTP contract: exactly these fields."""
         return {
             "id": self.id,
+            "pipeline": self.pipeline,
             "status": self.status.value,
             "params": dict(self.params),
             "current_phase": self.current_phase,
@@ -216,9 +220,12 @@ def list_runs(
     status: RunStatus | None = None,
     limit: int = 50,
     before: int | None = None,
+    pipeline: str | None = None,
 ) -> tuple[list[Run], int | None]:
     """Newest first; returns the page and the cursor for the next one (or None)."""
     query = sa.select(*_RUN_COLUMNS).order_by(runs_t.c.id.desc()).limit(limit + 1)
+    if pipeline is not None:
+        query = query.where(runs_t.c.pipeline == pipeline)
     if status is not None:
         query = query.where(runs_t.c.status == status.value)
     if before is not None:
@@ -308,7 +315,13 @@ _RESERVE_RUN = (
 )
 
 
-def create_run(conn: Connection, *, params: Mapping[str, Any], owner: str | None = None) -> Run:
+def create_run(
+    conn: Connection,
+    *,
+    params: Mapping[str, Any],
+    owner: str | None = None,
+    pipeline: str = DEFAULT_PIPELINE,
+) -> Run:
     """Insert a queued run and return it; with ``owner`` it is reserved for that process.
 
     Raises :class:`pipeline.params.InvalidParams` (nothing written) for params
@@ -319,6 +332,7 @@ def create_run(conn: Connection, *, params: Mapping[str, Any], owner: str | None
         _CREATE_RUN if owner is None else _RESERVE_RUN,
         {
             "status": RunStatus.QUEUED.value,
+            "pipeline": pipeline,
             "params": checked,
             "progress_current": 0,
             "owner": owner,
@@ -397,20 +411,33 @@ def recorded_phases(conn: Connection, *, run_id: int) -> list[tuple[int, str]]:
     return [(num, label) for num, label in conn.execute(_RECORDED_PHASES, {"b_run": run_id})]
 
 
-def resume(conn: Connection, *, run_id: int, phases: Sequence[tuple[int, str]]) -> Outcome:
+_PIPELINE_OF = sa.select(runs_t.c.pipeline).where(runs_t.c.id == sa.bindparam("b_run"))
+
+
+def resume(
+    conn: Connection,
+    *,
+    run_id: int,
+    phases: Sequence[tuple[int, str]] | Mapping[str, Sequence[tuple[int, str]]],
+) -> Outcome:
     """Put a failed or cancelled run back in the queue; completed phases stay done.
 
-    Raises :class:`PhasesChanged` when the run started with other phases than
-    ``phases`` (the pipeline's now): continuing would run them under the
-    wrong numbers or labels.
+    ``phases`` maps pipeline names to their (num, label) lists now (a bare
+    list is the default pipeline's). Raises :class:`PhasesChanged` when the
+    run started with other phases than its pipeline has now: continuing would
+    run them under the wrong numbers or labels. A run of a pipeline not in
+    ``phases`` is queued again unchecked: only an executor that has it claims
+    it, and the claim compares the phases.
     """
     status = get_status(conn, run_id=run_id, for_update=True)
     if status is None:
         return Outcome.NOT_FOUND
     if status not in (RunStatus.FAILED, RunStatus.CANCELLED):
         return Outcome.CONFLICT
+    known = dict(phases) if isinstance(phases, Mapping) else {DEFAULT_PIPELINE: phases}
+    current = known.get(conn.execute(_PIPELINE_OF, {"b_run": run_id}).scalar_one())
     recorded = recorded_phases(conn, run_id=run_id)
-    change = describe_phase_changes(recorded, phases) if recorded else None
+    change = describe_phase_changes(recorded, current) if recorded and current else None
     if change is not None:
         raise PhasesChanged(change)
     conn.execute(
@@ -481,17 +508,22 @@ class Claimed:
     params: Mapping[str, Any]
     first_phase: int
     cancel_requested: bool
+    pipeline: str = DEFAULT_PIPELINE
     # What its committed phases produced: results as JSON text, artifact keys.
     results: Mapping[int, str] = field(default_factory=dict)
     artifact_keys: Mapping[str, int] = field(default_factory=dict)
 
 
 _b = sa.bindparam
-_claimable = sa.select(runs_t.c.id, runs_t.c.params, runs_t.c.started_at).where(
+_claimable = sa.select(runs_t.c.id, runs_t.c.params, runs_t.c.started_at, runs_t.c.pipeline).where(
     runs_t.c.status == RunStatus.QUEUED.value
 )
 _NEXT_QUEUED = (
-    _claimable.where(runs_t.c.owner.is_(None), runs_t.c.id > _b("b_after"))
+    _claimable.where(
+        runs_t.c.owner.is_(None),
+        runs_t.c.id > _b("b_after"),
+        runs_t.c.pipeline.in_(_b("b_pipelines", expanding=True)),
+    )
     .order_by(runs_t.c.id)
     .limit(1)
     .with_for_update(skip_locked=True)
@@ -526,10 +558,14 @@ def claim(
     conn: Connection,
     *,
     owner: str,
-    phases: Sequence[tuple[int, str]],
+    phases: Sequence[tuple[int, str]] | Mapping[str, Sequence[tuple[int, str]]],
     run_id: int | None = None,
 ) -> Claimed | None:
     """Take the oldest unreserved queued run (or ``run_id``, reserved for us) and mark it running.
+
+    ``phases`` maps the names of the pipelines the caller has loaded to their
+    (num, label) lists (a bare list is the default pipeline's): only runs of
+    those pipelines are claimed, and a run of another one stays queued.
 
     Call it in a write transaction: ``BEGIN IMMEDIATE`` on SQLite, and
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, make it safe for many claimers.
@@ -537,15 +573,17 @@ def claim(
     executed under the wrong labels: it is left queued for an executor that
     has its phases (one not yet upgraded, say).
     """
+    known = dict(phases) if isinstance(phases, Mapping) else {DEFAULT_PIPELINE: phases}
+    names = sorted(known)
     after = 0
     while True:
         if run_id is None:
-            row = conn.execute(_NEXT_QUEUED, {"b_after": after}).first()
+            row = conn.execute(_NEXT_QUEUED, {"b_after": after, "b_pipelines": names}).first()
         else:
             row = conn.execute(_RESERVED, {"b_run": run_id, "b_owner": owner}).first()
-        if row is None:
+        if row is None or row.pipeline not in known:
             return None
-        claimed = _claim_row(conn, row, owner=owner, phases=phases)
+        claimed = _claim_row(conn, row, owner=owner, phases=known[row.pipeline])
         if claimed is not None or run_id is not None:
             return claimed
         after = row.id
@@ -587,6 +625,7 @@ def _claim_row(
         row.params,
         first,
         result.cancel_requested_at is not None,
+        pipeline=row.pipeline,
         results=artifacts.load_results(conn, run_id=row.id) if resumed else {},
         artifact_keys=artifacts.published_keys(conn, run_id=row.id) if resumed else {},
     )

@@ -92,6 +92,9 @@ analysis_runs = sa.Table(
     metadata,
     sa.Column("id", RunId, primary_key=True, autoincrement=True),
     sa.Column("status", sa.String(16), nullable=False),
+    # The pipeline the run belongs to; runs made before 0004 are "phases"
+    # (what the default pipeline.example:PHASES loads as).
+    sa.Column("pipeline", sa.String(64), nullable=False, server_default="phases"),
     sa.Column("params", sa.JSON, nullable=False),
     sa.Column("current_phase", sa.Integer),
     sa.Column("phase_label", sa.String(200)),
@@ -111,6 +114,8 @@ analysis_runs = sa.Table(
     sa.Column("owner", sa.String(300)),
     sa.CheckConstraint(_in("status", RUN_STATUSES), name="ck_analysis_runs_status"),
     sa.Index("ix_analysis_runs_status_id", "status", "id"),
+    # Claims by pipeline: the oldest queued run of the pipelines a worker knows.
+    sa.Index("ix_analysis_runs_pipeline_status_id", "pipeline", "status", "id"),
 )
 
 run_phases = sa.Table(

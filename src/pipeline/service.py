@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,7 +20,9 @@ from sqlalchemy.engine import Engine
 from pipeline import artifacts, db, retention, runs
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
-from pipeline.orchestrator import Executor, Registry, load_registry, phase_labels
+from pipeline.orchestrator import Executor
+from pipeline.params import validate_params
+from pipeline.pipelines import Phase, Pipeline, Registry, load_pipelines
 from pipeline.runs import Outcome, Run, RunStatus
 from pipeline.schema import analysis_runs
 
@@ -46,14 +48,14 @@ class Service:
     def __init__(
         self,
         settings: Settings,
-        registry: Registry | None = None,
+        registry: Registry | Pipeline | Sequence[Pipeline] | None = None,
         *,
         execute: bool | None = None,
         concurrency: int | None = None,
     ) -> None:
         self.settings = settings
         self.execute = settings.executor == "thread" if execute is None else execute
-        self.registry = load_registry(settings.phases) if registry is None else list(registry)
+        source = load_pipelines(settings.phases) if registry is None else registry
         # Requests run in FastAPI's thread pool: keep enough connections open
         # that a burst of them does not reconnect (and re-run the pragmas).
         # No request may wait on a phase's locks: on PostgreSQL a lock still
@@ -69,7 +71,7 @@ class Service:
         self.metrics.watch_database(self._count_by_status)
         self.executor = Executor(
             settings.database_url,
-            self.registry,
+            source,
             max_concurrent=concurrency or settings.max_concurrent_runs,
             heartbeat_seconds=settings.heartbeat_seconds,
             busy_timeout_ms=settings.busy_timeout_ms,
@@ -167,6 +169,7 @@ class Service:
             .where(
                 analysis_runs.c.status == RunStatus.QUEUED.value,
                 analysis_runs.c.owner.is_(None),
+                analysis_runs.c.pipeline.in_(list(self.pipelines)),
             )
             .limit(1)
         )
@@ -175,13 +178,32 @@ class Service:
 
     # -- what requests do (each one short transaction) --
 
-    def create_run(self, params: Mapping[str, Any]) -> Run:
-        """Queue a run; :class:`QueueFull` beyond ``PIPELINE_MAX_QUEUED_RUNS``."""
+    @property
+    def pipelines(self) -> Mapping[str, Pipeline]:
+        return self.executor.pipelines
+
+    @property
+    def _labels_of(self) -> dict[str, list[tuple[int, str]]]:
+        return {name: p.labels for name, p in self.pipelines.items()}
+
+    @property
+    def registry(self) -> list[Phase]:
+        """The first pipeline's phases (what code written for one registry reads)."""
+        return self.executor.registry
+
+    def create_run(self, params: Mapping[str, Any], pipeline: str | None = None) -> Run:
+        """Queue a run; :class:`QueueFull` beyond ``PIPELINE_MAX_QUEUED_RUNS``.
+
+        Raises :class:`UnknownPipeline`, :class:`pipeline.params.InvalidParams`
+        or the params model's :class:`pydantic.ValidationError`, nothing written.
+        """
+        chosen = self.executor.pipeline(pipeline)
+        stored, _ = chosen.check_params(validate_params(params))
         cap = self.settings.max_queued_runs
         with db.write(self.engine) as conn:
             if runs.count_queued(conn, up_to=cap) >= cap:
                 raise QueueFull(f"{cap} runs are already queued (PIPELINE_MAX_QUEUED_RUNS)")
-            run = runs.create_run(conn, params=params)
+            run = runs.create_run(conn, params=stored, pipeline=chosen.name)
         self.metrics.runs_created.inc()
         if self.execute:
             self.executor.wake()
@@ -198,13 +220,20 @@ class Service:
         return run.with_live_progress(live)
 
     def list_runs(
-        self, *, status: RunStatus | None, limit: int, before: int | None
+        self,
+        *,
+        status: RunStatus | None,
+        limit: int,
+        before: int | None,
+        pipeline: str | None = None,
     ) -> tuple[list[Run], int | None]:
         live = {
             run_id: self.executor.live_progress(run_id) for run_id in self.executor.active_runs()
         }
         with db.read(self.engine) as conn:
-            page, cursor = runs.list_runs(conn, status=status, limit=limit, before=before)
+            page, cursor = runs.list_runs(
+                conn, status=status, limit=limit, before=before, pipeline=pipeline
+            )
         return [run.with_live_progress(live.get(run.id)) for run in page], cursor
 
     def cancel(self, run_id: int) -> tuple[Outcome, Run | None]:
@@ -218,9 +247,8 @@ class Service:
 
     def resume(self, run_id: int) -> tuple[Outcome, Run | None]:
         """Raises :class:`runs.PhasesChanged` when the pipeline's phases changed since."""
-        labels = phase_labels(self.registry)
         with db.write(self.engine) as conn:
-            outcome = runs.resume(conn, run_id=run_id, phases=labels)
+            outcome = runs.resume(conn, run_id=run_id, phases=self._labels_of)
         if outcome is Outcome.DONE and self.execute:
             self.executor.wake()
         return outcome, self.get_run(run_id)
