@@ -13,7 +13,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline import db
+from pipeline import Pipeline, db
 from pipeline.orchestrator import RunContext
 
 LEDGER_DDL = "CREATE TABLE ledger (run_id INTEGER NOT NULL, phase INTEGER NOT NULL, pid INTEGER)"
@@ -38,3 +38,7 @@ PHASES = [(1, "Fetch", record), (2, "Analyze", record), (3, "Report", record)]
 
 # Four phases, for the fault drills (tests/test_drills.py: PIPELINE_PHASES=tests.ledger:FOUR).
 FOUR = [(1, "Fetch", record), (2, "Analyze", record), (3, "Score", record), (4, "Report", record)]
+
+# Two pipelines for workers that know different ones (tests/test_workers.py).
+LEFT = Pipeline("left", PHASES)
+RIGHT = Pipeline("right", [(1, "Fetch", record), (2, "Other", record)])

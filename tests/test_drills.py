@@ -212,7 +212,7 @@ def test_postgres_restart_mid_run_loses_nothing(db_url, engine, tmp_path, auto_r
         wait_for(lambda: pool.logs().count(" ready: ") == 2, timeout=60)
         with ApiProbe(server) as probe:
             started = time.monotonic()
-            ids = enqueue(engine, RUNS, {"sleep": SLEEP})
+            ids = enqueue(engine, RUNS, {"sleep": SLEEP}, pipeline="four")
 
             def in_flight() -> tuple[int, int] | None:
                 ledger = scalar(engine, "SELECT count(*) FROM ledger")
@@ -296,7 +296,7 @@ def test_zombie_worker_counts_as_dead(db_url, engine, tmp_path):
     """A SIGKILLed, unreaped (zombie) worker's runs are re-queued by the next sweep and
     every run completes with each phase executed exactly once."""
     create_ledger(engine)
-    enqueue(engine, ZOMBIE_RUNS, {"sleep": 0.1})
+    enqueue(engine, ZOMBIE_RUNS, {"sleep": 0.1}, pipeline="four")
     pool = Workers(db_url, tmp_path, PIPELINE_PHASES="tests.ledger:FOUR")
     pool.start(1, concurrency=4)
     victim = pool.processes[0]

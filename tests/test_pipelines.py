@@ -253,8 +253,8 @@ def test_resume_compares_with_the_runs_own_pipeline(db_url, engine):
             runs.resume(conn, run_id=run_id, phases={"other": [(1, "Changed")]})
 
 
-def test_migration_names_existing_runs_after_the_default_pipeline(sqlite_url, tmp_path):
-    """Runs made before 0004 get the pipeline 'phases', which the default example loads as."""
+def old_database_with_one_run(tmp_path: Any) -> tuple[str, Any]:
+    """A database at 0003 holding one queued run; returns its URL and alembic config."""
     url = f"sqlite:///{tmp_path / 'old.db'}"
     config = db.alembic_config(url)
     command.upgrade(config, "0003")
@@ -266,8 +266,15 @@ def test_migration_names_existing_runs_after_the_default_pipeline(sqlite_url, tm
                 "VALUES ('queued', '{}', 0, '2026-01-01 00:00:00')"
             )
         )
-    command.upgrade(config, "head")
     engine.dispose()
+    return url, config
+
+
+def test_migration_names_existing_runs_after_the_default_pipeline(tmp_path, monkeypatch):
+    """Runs made before 0004 get 'phases', what the default example loads as, and still run."""
+    monkeypatch.delenv("PIPELINE_PHASES", raising=False)
+    url, config = old_database_with_one_run(tmp_path)
+    command.upgrade(config, "head")
     engine = db.create_engine(url)
     try:
         with db.read(engine) as conn:
@@ -281,5 +288,19 @@ def test_migration_names_existing_runs_after_the_default_pipeline(sqlite_url, tm
         finally:
             assert executor.shutdown(timeout=60)
         assert read_run(engine, run.id).status is runs.RunStatus.COMPLETED
+    finally:
+        engine.dispose()
+
+
+def test_migration_names_existing_runs_after_the_configured_pipeline(tmp_path, monkeypatch, module):
+    """With PIPELINE_PHASES naming one pipeline, runs made before 0004 get its name."""
+    monkeypatch.setenv("PIPELINE_PHASES", "pipelines_under_test:TYPED")
+    url, config = old_database_with_one_run(tmp_path)
+    command.upgrade(config, "head")
+    engine = db.create_engine(url)
+    try:
+        with db.read(engine) as conn:
+            (run,) = runs.list_runs(conn)[0]
+        assert run.pipeline == "typed"
     finally:
         engine.dispose()

@@ -82,9 +82,11 @@ def workers(db_url, tmp_path):
     pool.kill_all()
 
 
-def enqueue(engine, count, params=None):
+def enqueue(engine, count, params=None, pipeline="phases"):
     with db.write(engine) as conn:
-        return [runs.create_run(conn, params=params or {}).id for _ in range(count)]
+        return [
+            runs.create_run(conn, params=params or {}, pipeline=pipeline).id for _ in range(count)
+        ]
 
 
 def duplicates(engine):
@@ -118,6 +120,38 @@ def test_claim_race_each_run_is_claimed_exactly_once(db_url, engine, workers):
     print(f"\n100 runs by 4 workers in {elapsed:.2f}s ({100 / elapsed:.0f} runs/s), {owners} pids")
     assert owners > 1
     assert len(ids) == 100
+
+
+def test_each_run_is_executed_by_a_worker_that_knows_its_pipeline(db_url, engine, tmp_path):
+    """Two workers knowing different pipelines: each run is executed by the one that knows it."""
+    create_ledger(engine)
+    left = Workers(db_url, tmp_path / "left", PIPELINE_PHASES="tests.ledger:LEFT")
+    right = Workers(db_url, tmp_path / "right", PIPELINE_PHASES="tests.ledger:RIGHT")
+    (tmp_path / "left").mkdir()
+    (tmp_path / "right").mkdir()
+    try:
+        stranger = enqueue(engine, 1, pipeline="nobody")[0]
+        ids = {name: enqueue(engine, 10, {"sleep": 0}, pipeline=name) for name in ("left", "right")}
+        left.start(1, concurrency=2)
+        right.start(1, concurrency=2)
+        wait_for(lambda: statuses(engine)[RunStatus.COMPLETED] == 20, timeout=120, interval=0.1)
+        assert left.stop() == [0], left.logs()
+        assert right.stop() == [0], right.logs()
+    finally:
+        left.kill_all()
+        right.kill_all()
+    assert duplicates(engine) == []
+    for name, pool, phases in (("left", left, 3), ("right", right, 2)):
+        with db.read(engine) as conn:
+            rows = conn.execute(
+                sa.text("SELECT run_id, phase, pid FROM ledger WHERE run_id IN :ids").bindparams(
+                    sa.bindparam("ids", expanding=True)
+                ),
+                {"ids": ids[name]},
+            ).all()
+        assert {pid for _, _, pid in rows} == {pool.processes[0].pid}
+        assert len(rows) == 10 * phases
+    assert scalar(engine, f"SELECT status FROM analysis_runs WHERE id = {stranger}") == "queued"
 
 
 @pytest.mark.parametrize("auto_resume", [True, False], ids=["auto-resume", "fail-lost"])

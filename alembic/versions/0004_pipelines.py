@@ -1,10 +1,13 @@
 """Pipelines: every run names the pipeline it belongs to.
 
-Runs made before this revision ran the only registry there was; they get
-``"phases"``, the name the default ``PIPELINE_PHASES=pipeline.example:PHASES``
-(and ``pipeline.example:PIPELINE``) loads as, so they keep working: get,
-list, resume. A service serving a custom ``module:PHASES`` loads it under the
-same name. The index serves claims by pipeline.
+Runs made before this revision ran the only registry there was, the one
+``PIPELINE_PHASES`` named: they get the name that registry loads as now (a
+plain ``module:NAME`` loads as ``name``), read from the migrating process's
+settings, so they keep working (get, list, resume, claim) under the same
+configuration. When that cannot be told (the setting does not load, or names
+several pipelines) they get ``"phases"``, the name the default
+``pipeline.example:PHASES`` and ``pipeline.example:PIPELINE`` load as. The
+index serves claims by pipeline.
 
 Revision ID: 0004
 Revises: 0003
@@ -22,13 +25,31 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+DEFAULT_NAME = "phases"
+
+
+def _configured_name() -> str:
+    """The name of the one pipeline PIPELINE_PHASES loads, or "phases"."""
+    try:
+        from pipeline.config import Settings
+        from pipeline.pipelines import load_pipelines
+
+        found = load_pipelines(Settings().phases)
+    except Exception:  # a setting that does not load: old runs keep the default name
+        return DEFAULT_NAME
+    return found[0].name if len(found) == 1 else DEFAULT_NAME
+
+
 def upgrade() -> None:
     # A plain ADD COLUMN (SQLite allows NOT NULL with a default): no table
     # rebuild, which on SQLite could cascade into the runs' phase rows.
     op.add_column(
         "analysis_runs",
-        sa.Column("pipeline", sa.String(64), nullable=False, server_default="phases"),
+        sa.Column("pipeline", sa.String(64), nullable=False, server_default=DEFAULT_NAME),
     )
+    name = _configured_name()
+    if name != DEFAULT_NAME:
+        op.execute(sa.text("UPDATE analysis_runs SET pipeline = :name").bindparams(name=name))
     op.create_index(
         "ix_analysis_runs_pipeline_status_id", "analysis_runs", ["pipeline", "status", "id"]
     )
