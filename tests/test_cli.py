@@ -38,6 +38,29 @@ def pipeline(env, *args, phases="tests.registries:OK", timeout=60):
     )
 
 
+TWO = "tests.registries:OK,tests.registries:FAILS"
+
+
+def test_run_pipeline_picks_one_of_several(cli_env, engine):
+    """`pipeline run --wait --pipeline NAME` runs that pipeline among several loaded."""
+    result = pipeline(cli_env, "run", "--wait", "--pipeline", "fails", phases=TWO)
+    assert result.returncode == 1, result.stderr
+    run = read_run(engine, scalar(engine, "SELECT max(id) FROM analysis_runs"))
+    assert run.pipeline == "fails"
+    assert run.status is RunStatus.FAILED
+
+
+def test_run_without_wait_queues_for_the_named_pipeline_with_defaults(cli_env, engine):
+    """`pipeline run` with one pipeline queues a run of it, its params validated with defaults."""
+    result = pipeline(
+        cli_env, "run", "--params", '{"limit": 3}', phases="pipeline.example:PIPELINE"
+    )
+    assert result.returncode == 0, result.stderr
+    run = read_run(engine, int(result.stdout.strip()))
+    assert run.pipeline == "phases"
+    assert run.params == {"fetch_delay": 0.05, "limit": 3}
+
+
 def run_wait_cancellable(env):
     """`pipeline run --wait` of a phase that runs until cancelled (or killed)."""
     return subprocess.Popen(
@@ -139,6 +162,14 @@ def test_list_shows_recent_runs(cli_env):
         pytest.param(["status", "424242"], None, "no run with id", id="unknown-id"),
         pytest.param(["run"], "tests.registries:BROKEN", "no gaps", id="broken-registry"),
         pytest.param(["run"], "tests.registries", "package.module:NAME", id="bad-spec"),
+        pytest.param(["run"], TWO, "name the pipeline: this service has several", id="several"),
+        pytest.param(["run", "--pipeline", "nope"], TWO, "no pipeline named 'nope'", id="unknown"),
+        pytest.param(
+            ["run", "--params", '{"fetch_delay": 9, "limit": 0}'],
+            "pipeline.example:PIPELINE",
+            "--params: params.fetch_delay: Input should be less than or equal to 5; params.limit",
+            id="params-model",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_changes_nothing(cli_env, engine, args, phases, message):
