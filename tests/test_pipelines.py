@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -304,3 +305,81 @@ def test_migration_names_existing_runs_after_the_configured_pipeline(tmp_path, m
         assert run.pipeline == "typed"
     finally:
         engine.dispose()
+
+
+# -- Idempotency-Key ---------------------------------------------------------------------
+
+
+def test_a_repeated_idempotency_key_returns_the_first_run(db_url, engine):
+    """The same key and body is a 200 with the first run and its Location; nothing new."""
+    with serve(db_url, [TYPED, OTHER]) as client:
+        body = {"pipeline": "other", "params": {"a": 1}}
+        first = client.post("/runs", json=body, headers={"Idempotency-Key": "k-1"})
+        again = client.post("/runs", json=body, headers={"Idempotency-Key": "k-1"})
+        assert first.status_code == 201, first.text
+        assert again.status_code == 200, again.text
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["location"] == first.headers["location"]
+        other = client.post("/runs", json=body, headers={"Idempotency-Key": "k-2"})
+        assert other.status_code == 201
+        wait_for(
+            lambda: all(
+                client.get(f"/runs/{r.json()['id']}").json()["status"] == "completed"
+                for r in (first, other)
+            )
+        )
+    assert count_runs(engine) == 2
+
+
+def test_a_key_reused_with_another_body_is_a_422(db_url, engine):
+    """The same key with a different body is a 422 that says so; nothing new is created."""
+    with serve(db_url, [TYPED, OTHER]) as client:
+        headers = {"Idempotency-Key": "same"}
+        assert client.post("/runs", json={"pipeline": "other"}, headers=headers).status_code == 201
+        response = client.post(
+            "/runs", json={"pipeline": "other", "params": {"b": 2}}, headers=headers
+        )
+        assert response.status_code == 422
+        assert "different body" in response.json()["detail"]
+        wait_for(lambda: client.get("/runs?status=completed").json()["items"])
+    assert count_runs(engine) == 1
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "tab\there"])
+def test_a_malformed_idempotency_key_is_a_422(db_url, engine, key):
+    """An empty, too long or non-printable-ASCII key is a 422 and creates nothing."""
+    with serve(db_url, [TYPED, OTHER]) as client:
+        response = client.post(
+            "/runs", json={"pipeline": "other"}, headers={"Idempotency-Key": key.encode()}
+        )
+    assert response.status_code == 422, response.text
+    assert count_runs(engine) == 0
+
+
+def test_twenty_concurrent_posts_with_one_key_create_one_run(db_url, engine):
+    """20 POSTs with one key at the same instant create one run, and all answer with it."""
+    with serve(db_url, [TYPED, OTHER]) as client:
+        barrier = threading.Barrier(20)
+        answers: list[Any] = []
+        lock = threading.Lock()
+
+        def post() -> None:
+            barrier.wait()
+            response = client.post(
+                "/runs",
+                json={"pipeline": "other", "params": {"n": 1}},
+                headers={"Idempotency-Key": "together"},
+            )
+            with lock:
+                answers.append(response)
+
+        threads = [threading.Thread(target=post) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200] * 19 + [201], [r.text for r in answers]
+        assert len({r.json()["id"] for r in answers}) == 1
+        wait_for(lambda: client.get("/runs?status=completed").json()["items"])
+    assert count_runs(engine) == 1

@@ -7,7 +7,9 @@ settings, so they keep working (get, list, resume, claim) under the same
 configuration. When that cannot be told (the setting does not load, or names
 several pipelines) they get ``"phases"``, the name the default
 ``pipeline.example:PHASES`` and ``pipeline.example:PIPELINE`` load as. The
-index serves claims by pipeline.
+index serves claims by pipeline. ``run_idempotency`` holds the
+``Idempotency-Key`` of ``POST /runs`` (its primary key makes one key create
+one run) and goes with its run.
 
 Revision ID: 0004
 Revises: 0003
@@ -53,9 +55,22 @@ def upgrade() -> None:
     op.create_index(
         "ix_analysis_runs_pipeline_status_id", "analysis_runs", ["pipeline", "status", "id"]
     )
+    op.create_table(
+        "run_idempotency",
+        sa.Column("key", sa.String(255), primary_key=True),
+        sa.Column("body_hash", sa.String(64), nullable=False),
+        sa.Column(
+            "run_id",
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("run_idempotency")
     op.drop_index("ix_analysis_runs_pipeline_status_id", table_name="analysis_runs")
     with op.batch_alter_table("analysis_runs") as batch:
         batch.drop_column("pipeline")

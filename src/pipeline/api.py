@@ -9,6 +9,7 @@ browser defences there (``pipeline.security``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -19,7 +20,17 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Header,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
@@ -31,7 +42,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from pipeline import db, security
+from pipeline import db, runs, security
 from pipeline.config import Settings, get_settings
 from pipeline.metrics import Metrics
 from pipeline.orchestrator import UnknownPipeline, retry_policy
@@ -298,6 +309,28 @@ def parse_create_body(raw: bytes) -> tuple[str | None, dict[str, Any]]:
         raise _bad_body(str(exc)) from None
 
 
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def _idempotency_key(value: str | None) -> str | None:
+    """The header's key, or a 422: 1 to 255 printable ASCII characters."""
+    if value is None:
+        return None
+    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY or not all(" " <= c <= "~" for c in value):
+        raise _bad_body(
+            f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )
+    return value
+
+
+def _body_hash(pipeline: str | None, params: dict[str, Any]) -> str:
+    """What makes two bodies the same request: the pipeline named and the params, canonical."""
+    canonical = json.dumps(
+        {"pipeline": pipeline, "params": params}, sort_keys=True, ensure_ascii=False
+    )
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def describe_pipeline(pipeline: Pipeline) -> dict[str, Any]:
     """A pipeline as ``GET /pipelines`` shows it."""
     return {
@@ -380,6 +413,10 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
         response_model=RunOut,
         openapi_extra={"requestBody": _CREATE_SCHEMA},
         responses={
+            200: {
+                "model": RunOut,
+                "description": "the run an earlier request with this Idempotency-Key created",
+            },
             415: {"model": ErrorOut, "description": "the body is not application/json"},
             422: {
                 "model": ErrorOut,
@@ -392,15 +429,34 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
             429: {"model": ErrorOut, "description": "too many runs queued; retry later"},
         },
     )
-    async def create_run(request: Request, response: Response) -> Any:
+    async def create_run(
+        request: Request,
+        response: Response,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                alias="Idempotency-Key",
+                description=(
+                    "at most 255 printable ASCII characters: the same key with the same body "
+                    "within 24 hours returns the run it created (200), nothing new created"
+                ),
+            ),
+        ] = None,
+    ) -> Any:
         """Queue a run; it starts as soon as a slot is free."""
+        key = _idempotency_key(idempotency_key)
         try:
             raw = await _read_limited(request)
         except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing done
             raise HTTPException(400, "the request body was not received") from None
         pipeline, params = parse_create_body(raw)
+        idempotency = None if key is None else (key, _body_hash(pipeline, params))
         try:
-            run = await anyio.to_thread.run_sync(service.create_run, params, pipeline)
+            run, created = await anyio.to_thread.run_sync(
+                service.create_or_replay, params, pipeline, idempotency
+            )
+        except runs.IdempotencyMismatch as exc:
+            raise _bad_body(str(exc)) from None
         except UnknownPipeline as exc:
             raise _bad_body(str(exc)) from None
         except InvalidParams as exc:
@@ -410,6 +466,8 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
         except QueueFull as exc:
             return security.busy(str(exc), status=429, retry_after=QUEUE_FULL_RETRY_AFTER_SECONDS)
         response.headers["Location"] = request.url_for("get_run", run_id=run.id).path
+        if not created:
+            response.status_code = 200
         return run.to_dict()
 
     @router.get("/runs", response_model=RunPage)

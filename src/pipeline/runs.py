@@ -24,6 +24,7 @@ from pipeline.params import validate_params
 from pipeline.pipelines import DEFAULT_NAME as DEFAULT_PIPELINE
 from pipeline.schema import analysis_runs as runs_t
 from pipeline.schema import db_now
+from pipeline.schema import run_idempotency as idempotency_t
 from pipeline.schema import run_phases as phases_t
 from pipeline.schema import run_warnings as warnings_t
 
@@ -339,6 +340,53 @@ def create_run(
         },
     )
     return Run.from_row(row.mappings().one())
+
+
+# -- Idempotency-Key: next to the run creation it guards ------------------------
+
+IDEMPOTENCY_WINDOW = dt.timedelta(hours=24)
+
+
+class IdempotencyMismatch(Exception):
+    """The key was used with another body; the message says so."""
+
+
+_KEY_ROW = sa.select(
+    idempotency_t.c.body_hash, idempotency_t.c.run_id, idempotency_t.c.created_at
+).where(idempotency_t.c.key == sa.bindparam("b_key"))
+
+
+def idempotent_run(conn: Connection, *, key: str, body_hash: str) -> Run | None:
+    """The run ``key`` created within the window, or None (an expired key is forgotten).
+
+    Raises :class:`IdempotencyMismatch` when the key came with another body.
+    """
+    row = conn.execute(_KEY_ROW, {"b_key": key}).first()
+    if row is None:
+        return None
+    now = conn.execute(sa.select(db_now())).scalar_one()
+    if row.created_at <= now - IDEMPOTENCY_WINDOW:
+        conn.execute(sa.delete(idempotency_t).where(idempotency_t.c.key == key))
+        return None
+    if row.body_hash != body_hash:
+        raise IdempotencyMismatch(
+            "this Idempotency-Key was already used with a different body; "
+            "use a new key for a different request"
+        )
+    return get_run(conn, run_id=row.run_id)
+
+
+def remember_key(conn: Connection, *, key: str, body_hash: str, run_id: int) -> None:
+    """Record that ``key`` created ``run_id``, in the run's own transaction.
+
+    A concurrent request with the same key fails here with an IntegrityError
+    (the primary key): its run is rolled back with it, and it reads this one.
+    """
+    conn.execute(
+        sa.insert(idempotency_t).values(
+            key=key, body_hash=body_hash, run_id=run_id, created_at=db_now()
+        )
+    )
 
 
 class Outcome(enum.Enum):

@@ -118,6 +118,22 @@ analysis_runs = sa.Table(
     sa.Index("ix_analysis_runs_pipeline_status_id", "pipeline", "status", "id"),
 )
 
+# Idempotency-Key of POST /runs: the key's primary key makes two requests
+# with one key create one run, even at the same instant (DESIGN.md).
+run_idempotency = sa.Table(
+    "run_idempotency",
+    metadata,
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("body_hash", sa.String(64), nullable=False),
+    sa.Column(
+        "run_id",
+        RunId,
+        sa.ForeignKey("analysis_runs.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
 run_phases = sa.Table(
     "run_phases",
     metadata,

@@ -191,23 +191,63 @@ class Service:
         """The first pipeline's phases (what code written for one registry reads)."""
         return self.executor.registry
 
-    def create_run(self, params: Mapping[str, Any], pipeline: str | None = None) -> Run:
+    def create_run(
+        self,
+        params: Mapping[str, Any],
+        pipeline: str | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> Run:
         """Queue a run; :class:`QueueFull` beyond ``PIPELINE_MAX_QUEUED_RUNS``.
 
         Raises :class:`UnknownPipeline`, :class:`pipeline.params.InvalidParams`
         or the params model's :class:`pydantic.ValidationError`, nothing written.
         """
+        return self.create_or_replay(params, pipeline, idempotency)[0]
+
+    def create_or_replay(
+        self,
+        params: Mapping[str, Any],
+        pipeline: str | None = None,
+        idempotency: tuple[str, str] | None = None,
+    ) -> tuple[Run, bool]:
+        """The run and whether it is new; with ``(key, body_hash)`` a repeat returns the first.
+
+        Raises :class:`runs.IdempotencyMismatch` for a key reused with another body.
+        """
         chosen = self.executor.pipeline(pipeline)
         stored, _ = chosen.check_params(validate_params(params))
+        try:
+            run, created = self._create(stored, chosen.name, idempotency)
+        except sa.exc.IntegrityError:
+            if idempotency is None:
+                raise
+            # Another request with this key committed first: its run is the answer.
+            with db.write(self.engine) as conn:
+                found = runs.idempotent_run(conn, key=idempotency[0], body_hash=idempotency[1])
+            if found is None:
+                raise
+            return found, False
+        if created:
+            self.metrics.runs_created.inc()
+            if self.execute:
+                self.executor.wake()
+        return run, created
+
+    def _create(
+        self, stored: Mapping[str, Any], name: str, idempotency: tuple[str, str] | None
+    ) -> tuple[Run, bool]:
         cap = self.settings.max_queued_runs
         with db.write(self.engine) as conn:
+            if idempotency is not None:
+                earlier = runs.idempotent_run(conn, key=idempotency[0], body_hash=idempotency[1])
+                if earlier is not None:
+                    return earlier, False
             if runs.count_queued(conn, up_to=cap) >= cap:
                 raise QueueFull(f"{cap} runs are already queued (PIPELINE_MAX_QUEUED_RUNS)")
-            run = runs.create_run(conn, params=stored, pipeline=chosen.name)
-        self.metrics.runs_created.inc()
-        if self.execute:
-            self.executor.wake()
-        return run
+            run = runs.create_run(conn, params=stored, pipeline=name)
+            if idempotency is not None:
+                runs.remember_key(conn, key=idempotency[0], body_hash=idempotency[1], run_id=run.id)
+        return run, True
 
     def get_run(self, run_id: int) -> Run | None:
         # The live progress is read before the row: read after, it could
