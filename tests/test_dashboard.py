@@ -22,6 +22,7 @@ import pytest
 from playwright.sync_api import Browser, Page, Request, Route, expect, sync_playwright
 from sqlalchemy.engine import Connection
 
+from pipeline import Pipeline
 from pipeline.api import create_app
 from pipeline.config import Settings
 from pipeline.orchestrator import Phase, RunContext, phase
@@ -105,7 +106,7 @@ def start_server(sqlite_url: str) -> Iterator[Callable[..., LiveServer]]:
     """Start the whole app (API, runner, dashboard) with a registry of the test's own."""
     servers: list[LiveServer] = []
 
-    def start(registry: list[Phase], api_token: str | None = None) -> LiveServer:
+    def start(registry: list[Phase] | list[Pipeline], api_token: str | None = None) -> LiveServer:
         settings = Settings(database_url=sqlite_url, api_token=api_token, max_concurrent_runs=4)
         server = LiveServer(create_app(settings, registry=registry)).start()
         servers.append(server)
@@ -453,4 +454,39 @@ def test_html_in_an_artifact_is_shown_as_text_and_never_executed(start_server, p
     page.wait_for_timeout(300)  # an image error handler would have fired by now
     assert page.evaluate("window.__pwned") is None
     assert page.title() == "Runs · analysis-pipeline"
+    assert csp == []
+
+
+def _quiet(conn: Connection, ctx: RunContext) -> None:
+    return None
+
+
+def test_the_params_form_shows_field_errors_before_a_run_is_created(start_server, page):
+    """The example's form refuses fetch_delay 9 next to the field, creating nothing, then runs."""
+    from pipeline.example import PIPELINE
+
+    csp = _csp_errors(page)
+    server = start_server([PIPELINE, Pipeline("other", [(1, "Only", _quiet)])])
+    page.goto(server.url)
+    expect(page.get_by_test_id("pipeline-picker")).to_be_visible()
+    page.get_by_test_id("pipeline-select").select_option("phases")
+    expect(page.get_by_test_id("params-input")).to_be_hidden()  # the JSON box is "advanced"
+    expect(page.get_by_test_id("param-fetch_delay")).to_have_attribute("max", "5")
+    expect(page.get_by_test_id("params-form")).to_contain_text("Seconds to pause per page")
+    page.get_by_test_id("param-fetch_delay").fill("9")
+    page.get_by_test_id("start-button").click()
+    error = page.get_by_test_id("param-error-fetch_delay")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("less than or equal to 5")
+    with api(server) as client:
+        assert client.get("/runs").json()["items"] == []
+    page.get_by_test_id("param-fetch_delay").fill("0")
+    page.get_by_test_id("param-limit").fill("50")
+    page.get_by_test_id("start-button").click()
+    expect(error).to_be_hidden()
+    run_id = newest_run_id(page)
+    expect(page.get_by_test_id(f"run-pipeline-{run_id}")).to_have_text("phases")
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("completed", timeout=30_000)
+    with api(server) as client:
+        assert client.get(f"/runs/{run_id}").json()["params"] == {"fetch_delay": 0, "limit": 50}
     assert csp == []

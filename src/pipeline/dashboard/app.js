@@ -307,6 +307,7 @@
     const r = {};
     r.title = h("button", { type: "button", className: "run-title", "data-testid": `run-open-${id}` }, `Run #${id}`);
     r.status = h("span", { className: "badge", "data-testid": `run-status-${id}` });
+    r.pipeline = h("span", { className: "run-pipeline muted small", "data-testid": `run-pipeline-${id}` });
     r.duration = h("span", { className: "run-duration muted", "data-testid": `run-duration-${id}`, title: "Duration" });
     r.cancel = h("button", {
       type: "button",
@@ -347,7 +348,7 @@
       "li",
       { className: "run-row", "data-testid": `run-row-${id}`, "data-run-id": id },
       h("div", { className: "run-head" },
-        h("div", { className: "run-name" }, r.title, r.status),
+        h("div", { className: "run-name" }, r.title, r.pipeline, r.status),
         h("div", { className: "run-side" }, r.duration, r.cancel, r.resume)),
       h("div", { className: "run-line" }, r.phase, r.sub),
       h("div", { className: "bar-row" }, r.bar, r.percent),
@@ -370,6 +371,7 @@
     r.title.setAttribute("aria-pressed", String(state.selected === id));
 
     setText(r.status, run.status);
+    setText(r.pipeline, run.pipeline || "");
     r.status.className = `badge badge-${run.status}`;
     r.status.dataset.status = run.status;
 
@@ -692,11 +694,12 @@
     };
     error.hidden = true;
     input.removeAttribute("aria-invalid");
+    clearFieldErrors();
 
     const text = input.value.trim() || "{}";
     let params;
     try {
-      params = JSON.parse(text);
+      params = usingForm() ? formParams() : JSON.parse(text);
     } catch (err) {
       showParamsError(`The parameters are not valid JSON (${err.message}). Use an object such as {"subreddit": "python"}.`);
       return;
@@ -713,13 +716,16 @@
       const response = await api("runs", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ params }),
+        body: JSON.stringify(pipelines.selected ? { pipeline: pipelines.selected, params } : { params }),
       });
       const body = await readJson(response);
       if (response.ok) {
         hideError();
         applyRun(body, "create");
         select(body.id, true);
+      } else if (response.status === 422 && body && Array.isArray(body.detail)) {
+        const rest = showFieldErrors(body.detail);
+        if (rest.length) showParamsError(`The server rejected the parameters: ${rest.join("; ")}`);
       } else if (response.status === 422) {
         showParamsError(`The server rejected the parameters: ${readableDetail(body, "they are not valid")}`);
       } else {
@@ -731,6 +737,155 @@
       button.disabled = false;
       setText(button, "Start run");
     }
+  }
+
+  // -- pipelines and the params form -------------------------------------------------
+
+  const pipelines = { items: [], selected: null, fields: [] };
+
+  /** The JSON Schema of one property without its "or null" (pydantic's Optional). */
+  function baseSchema(prop) {
+    if (prop && Array.isArray(prop.anyOf)) {
+      const real = prop.anyOf.filter((p) => p && p.type !== "null");
+      if (real.length === 1) return Object.assign({}, real[0], { default: prop.default, description: prop.description });
+    }
+    return prop || {};
+  }
+
+  function usingForm() {
+    const advanced = $('[data-testid="params-advanced"]');
+    return pipelines.fields.length > 0 && !advanced.open;
+  }
+
+  function buildField(name, prop, required) {
+    const schema = baseSchema(prop);
+    const id = `param-${name}`;
+    const help = schema.description || prop.description || "";
+    let input;
+    if (Array.isArray(schema.enum)) {
+      input = h("select", { id, "data-testid": `param-${name}` },
+        required ? null : h("option", { value: "" }, "(default)"),
+        schema.enum.map((value, i) => h("option", { value: String(i) }, String(value))));
+      if (schema.default !== undefined) {
+        const index = schema.enum.indexOf(schema.default);
+        if (index >= 0) input.value = String(index);
+      }
+    } else if (schema.type === "boolean") {
+      input = h("input", { id, type: "checkbox", "data-testid": `param-${name}` });
+      input.checked = schema.default === true;
+    } else if (schema.type === "integer" || schema.type === "number") {
+      input = h("input", {
+        id,
+        type: "number",
+        "data-testid": `param-${name}`,
+        min: schema.minimum ?? schema.exclusiveMinimum,
+        max: schema.maximum ?? schema.exclusiveMaximum,
+        step: schema.type === "integer" ? "1" : "any",
+      });
+      if (schema.default !== undefined && schema.default !== null) input.value = String(schema.default);
+    } else {
+      input = h("input", { id, type: "text", "data-testid": `param-${name}`, spellcheck: "false" });
+      if (typeof schema.default === "string") input.value = schema.default;
+    }
+    const error = h("p", { className: "field-error", "data-testid": `param-error-${name}`, role: "alert", id: `${id}-error` });
+    error.hidden = true;
+    input.setAttribute("aria-describedby", `${id}-help ${id}-error`);
+    const root = h("div", { className: "param-field" },
+      h("label", { for: id }, schema.title || prop.title || name, required ? " *" : ""),
+      input,
+      help ? h("p", { className: "muted small", id: `${id}-help` }, help) : null,
+      error);
+    return { name, schema, input, error, root, required };
+  }
+
+  function fieldValue(field) {
+    const { schema, input } = field;
+    if (Array.isArray(schema.enum)) return input.value === "" ? undefined : schema.enum[Number(input.value)];
+    if (schema.type === "boolean") return input.checked;
+    const raw = input.value.trim();
+    if (raw === "") return undefined;
+    if (schema.type === "integer" || schema.type === "number") {
+      const number = Number(raw);
+      return Number.isFinite(number) ? number : raw;  // the server says what is wrong with it
+    }
+    return input.value;
+  }
+
+  function formParams() {
+    const params = {};
+    for (const field of pipelines.fields) {
+      const value = fieldValue(field);
+      if (value !== undefined) params[field.name] = value;
+    }
+    return params;
+  }
+
+  function clearFieldErrors() {
+    for (const field of pipelines.fields) {
+      field.error.hidden = true;
+      field.input.removeAttribute("aria-invalid");
+    }
+  }
+
+  /** Shows each error next to its field; returns the messages no field shows. */
+  function showFieldErrors(detail) {
+    const rest = [];
+    for (const item of detail) {
+      const loc = Array.isArray(item.loc) ? item.loc : [];
+      const name = loc[0] === "body" && loc[1] === "params" ? loc[2] : undefined;
+      const field = usingForm() ? pipelines.fields.find((f) => f.name === name) : undefined;
+      const message = String(item.msg || "invalid");
+      if (field) {
+        setText(field.error, message);
+        field.error.hidden = false;
+        field.input.setAttribute("aria-invalid", "true");
+      } else {
+        rest.push(name !== undefined ? `${loc.slice(2).join(".")}: ${message}` : message);
+      }
+    }
+    return rest;
+  }
+
+  function renderPipeline(name) {
+    const chosen = pipelines.items.find((p) => p.name === name);
+    const holder = $('[data-testid="params-form"]');
+    const advanced = $('[data-testid="params-advanced"]');
+    holder.replaceChildren();
+    pipelines.fields = [];
+    setText($('[data-testid="pipeline-description"]'), chosen ? chosen.description || "" : "");
+    const schema = chosen && chosen.params_schema;
+    const props = schema && schema.properties ? schema.properties : {};
+    const required = new Set((schema && schema.required) || []);
+    for (const [name, prop] of Object.entries(props)) {
+      const field = buildField(name, prop || {}, required.has(name));
+      pipelines.fields.push(field);
+      holder.append(field.root);
+    }
+    holder.hidden = pipelines.fields.length === 0;
+    advanced.querySelector("summary").hidden = pipelines.fields.length === 0;
+    advanced.open = pipelines.fields.length === 0;
+  }
+
+  async function loadPipelines() {
+    try {
+      const response = await api("pipelines");
+      if (!response.ok) return;
+      const body = await readJson(response);
+      pipelines.items = (body && body.items) || [];
+    } catch (_) {
+      return;
+    }
+    const picker = $('[data-testid="pipeline-select"]');
+    picker.replaceChildren(...pipelines.items.map((p) => h("option", { value: p.name }, p.name)));
+    const several = pipelines.items.length > 1;
+    $('[data-testid="pipeline-picker"]').hidden = !several;
+    // With one pipeline the request leaves it out (the server knows which).
+    pipelines.selected = several ? pipelines.items[0].name : null;
+    picker.addEventListener("change", () => {
+      pipelines.selected = picker.value;
+      renderPipeline(picker.value);
+    });
+    if (pipelines.items.length) renderPipeline(pipelines.items[0].name);
   }
 
   // -- live updates --------------------------------------------------------------
@@ -900,6 +1055,7 @@
     });
     setInterval(tick, 1000);
     refreshList();
+    loadPipelines();
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
