@@ -462,7 +462,7 @@ def _quiet(conn: Connection, ctx: RunContext) -> None:
 
 
 def test_the_params_form_shows_field_errors_before_a_run_is_created(start_server, page):
-    """The example's form refuses fetch_delay 9 next to the field, creating nothing, then runs."""
+    """The example's form refuses fetch_delay 9 next to the field; fixed it runs; Run again too."""
     from pipeline.example import PIPELINE
 
     csp = _csp_errors(page)
@@ -489,4 +489,15 @@ def test_the_params_form_shows_field_errors_before_a_run_is_created(start_server
     expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("completed", timeout=30_000)
     with api(server) as client:
         assert client.get(f"/runs/{run_id}").json()["params"] == {"fetch_delay": 0, "limit": 50}
+
+    page.get_by_test_id(f"run-open-{run_id}").click()
+    page.get_by_test_id("run-again").click()
+    expect(page.get_by_test_id("param-limit")).to_have_value("50")
+    page.get_by_test_id("start-button").click()
+    expect(page.locator('[data-testid^="run-row-"]')).to_have_count(2)
+    again = newest_run_id(page)
+    assert again != run_id
+    expect(page.get_by_test_id(f"run-status-{again}")).to_have_text("completed", timeout=30_000)
+    with api(server) as client:
+        assert client.get(f"/runs/{again}").json()["params"] == {"fetch_delay": 0, "limit": 50}
     assert csp == []

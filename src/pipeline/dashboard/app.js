@@ -554,6 +554,12 @@
     children.push(h("h3", { className: "section-title" }, "Parameters"));
     children.push(h("pre", { className: "code", "data-testid": "details-params" },
       JSON.stringify(run.params || {}, null, 2)));
+    children.push(h("button", {
+      type: "button",
+      className: "button small",
+      "data-testid": "run-again",
+      onclick: () => runAgain(run),
+    }, "Run again"));
     panel.replaceChildren(...children);
   }
 
@@ -864,6 +870,33 @@
     holder.hidden = pipelines.fields.length === 0;
     advanced.querySelector("summary").hidden = pipelines.fields.length === 0;
     advanced.open = pipelines.fields.length === 0;
+  }
+
+  /** Opens the start form on a run's pipeline, filled with its params. */
+  function runAgain(run) {
+    const params = run.params || {};
+    if (pipelines.items.some((p) => p.name === run.pipeline)) {
+      if (pipelines.items.length > 1) {
+        $('[data-testid="pipeline-select"]').value = run.pipeline;
+        pipelines.selected = run.pipeline;
+      }
+      renderPipeline(run.pipeline);
+    }
+    const known = new Set(pipelines.fields.map((f) => f.name));
+    const fits = Object.keys(params).every((key) => known.has(key));
+    for (const field of pipelines.fields) {
+      const value = params[field.name];
+      if (Array.isArray(field.schema.enum)) field.input.value = value === undefined ? "" : String(field.schema.enum.indexOf(value));
+      else if (field.schema.type === "boolean") field.input.checked = value === true;
+      else field.input.value = value === undefined || value === null ? "" : String(value);
+    }
+    $('[data-testid="params-input"]').value = JSON.stringify(params);
+    // What the form cannot hold goes through the JSON box.
+    if (pipelines.fields.length && !fits) $('[data-testid="params-advanced"]').open = true;
+    const form = $('[data-testid="start-form"]');
+    form.scrollIntoView({ block: "nearest" });
+    const first = pipelines.fields.length && fits ? pipelines.fields[0].input : $('[data-testid="params-input"]');
+    first.focus();
   }
 
   async function loadPipelines() {
