@@ -30,7 +30,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import db
+from pipeline import Pipeline, db
 from pipeline.config import Settings
 from pipeline.service import Service
 
@@ -320,7 +320,7 @@ def test_zombie_worker_counts_as_dead(db_url, engine, tmp_path):
         settings = Settings(
             database_url=db_url, sweep_seconds=SWEEP_SECONDS, poll_seconds=0.05, auto_resume=True
         )
-        service = Service(settings, registry=FOUR, execute=True)
+        service = Service(settings, registry=Pipeline("four", FOUR), execute=True)
         service.start()  # its first sweep spares the live worker's runs
         assert victims_running() >= 1
         os.kill(victim.pid, signal.SIGKILL)  # and never wait(): it stays a zombie
