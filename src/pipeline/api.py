@@ -9,6 +9,7 @@ browser defences there (``pipeline.security``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -42,13 +43,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
-from pipeline import db, runs, security
+from pipeline import db, runs, schedules, security
 from pipeline.config import Settings, get_settings
 from pipeline.metrics import Metrics
 from pipeline.orchestrator import UnknownPipeline, retry_policy
 from pipeline.params import InvalidParams, parse_json, validate_params
 from pipeline.pipelines import Pipeline, Registry, field_errors
 from pipeline.runs import Outcome, PhasesChanged, Run, RunStatus
+from pipeline.schedules import Schedule
 from pipeline.security import StreamSlots
 from pipeline.service import NotFound, QueueFull, Service
 
@@ -117,6 +119,7 @@ class ResultOut(_Strict):
 class RunOut(_Strict):
     id: int
     pipeline: str
+    schedule_id: int | None = Field(description="the schedule that started the run, if any")
     status: RunStatus
     params: dict[str, Any]
     current_phase: int | None
@@ -134,6 +137,32 @@ class RunOut(_Strict):
     cancel_requested_at: str | None
     phases: list[PhaseOut]
     artifacts: list[ArtifactRef]
+
+
+class LastRunOut(_Strict):
+    id: int
+    status: RunStatus | None = Field(description="null once the run was pruned")
+
+
+class ScheduleOut(_Strict):
+    id: int
+    name: str
+    pipeline: str
+    params: dict[str, Any]
+    cron: str
+    timezone: str
+    enabled: bool
+    overlap: Literal["skip", "queue", "allow"]
+    catch_up: Literal["latest", "none"]
+    next_fire_at: str | None = Field(description="null while disabled")
+    last_fired_at: str | None
+    created_at: str
+    cron_text: str | None = Field(description="the cron expression in words, where it can be said")
+    last_run: LastRunOut | None = Field(description="the last run a tick of it started")
+
+
+class SchedulePage(_Strict):
+    items: list[ScheduleOut]
 
 
 class PipelinePhaseOut(_Strict):
@@ -261,6 +290,52 @@ _CREATE_SCHEMA = {
         }
     },
 }
+
+
+_SCHEDULE_PROPERTIES: dict[str, Any] = {
+    "name": {"type": "string", "description": "a slug, unique: [a-z0-9][a-z0-9_-]{0,63}"},
+    "pipeline": {
+        "anyOf": [{"type": "string"}, {"type": "null"}],
+        "description": "the pipeline it starts (GET /pipelines); optional with one",
+    },
+    "params": {
+        "anyOf": [{"type": "object"}, {"type": "null"}],
+        "description": "the runs' parameters, checked like POST /runs",
+    },
+    "cron": {"type": "string", "description": "5 fields, or @hourly, @daily, @weekly, ..."},
+    "timezone": {"type": "string", "description": "an IANA name; default UTC"},
+    "enabled": {"type": "boolean", "description": "default true"},
+    "overlap": {"enum": ["skip", "queue", "allow"], "description": "default skip"},
+    "catch_up": {"enum": ["latest", "none"], "description": "default latest"},
+}
+
+
+def _json_body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    schema = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = required
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_SCHEDULE_CREATE = _json_body(_SCHEDULE_PROPERTIES, ["name", "cron"])
+_SCHEDULE_PATCH = _json_body(
+    {k: v for k, v in _SCHEDULE_PROPERTIES.items() if k not in ("name", "pipeline")}, []
+)
+
+
+async def _read_object(request: Request) -> dict[str, Any]:
+    """A JSON object body (at most 64 KiB, checked as params are), or a 422."""
+    try:
+        raw = await _read_limited(request)
+    except ClientDisconnect:
+        raise HTTPException(400, "the request body was not received") from None
+    try:
+        payload = parse_json(raw) if raw.strip() else None
+    except InvalidParams as exc:
+        raise _bad_body(f"the body is {exc}" if str(exc).startswith("not ") else str(exc)) from None
+    if not isinstance(payload, dict):
+        raise _bad_body("the body must be a JSON object")
+    return payload
 
 
 async def _read_limited(request: Request) -> bytes:
@@ -597,7 +672,89 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
             return security.busy(full, status=503, retry_after=STREAMS_FULL_RETRY_AFTER_SECONDS)
         return _SlotStream(_run_events(service, first, request), slots=slots, client=client)
 
+    _add_schedule_routes(router, service)
     return router
+
+
+ScheduleId = Annotated[int, Path(ge=1, le=MAX_ID, description="the schedule's id")]
+
+
+def _add_schedule_routes(router: APIRouter, service: Service) -> None:
+    """``/schedules``: runs on a clock (DESIGN.md, "Schedules"; ``pipeline.schedules``)."""
+    invalid = {
+        "model": ErrorOut,
+        "description": (
+            "bad cron, unknown time zone, unknown pipeline, invalid params (every field "
+            "error, [{loc, msg, type}]), or a field it cannot have"
+        ),
+    }
+
+    def checked(call: Callable[[], Schedule | None], schedule_id: int | None = None) -> Any:
+        try:
+            found = call()
+        except schedules.InvalidSchedule as exc:
+            raise _bad_body(str(exc)) from None
+        except ValidationError as exc:
+            raise HTTPException(422, field_errors(exc)) from None
+        except schedules.NameTaken as exc:
+            raise HTTPException(409, str(exc)) from None
+        if found is None:
+            raise HTTPException(404, f"no schedule with id {schedule_id}")
+        return found.to_dict()
+
+    @router.get("/schedules", response_model=SchedulePage)
+    def list_schedules() -> dict[str, Any]:
+        """Every schedule, by name."""
+        return {"items": [s.to_dict() for s in service.list_schedules()]}
+
+    @router.post(
+        "/schedules",
+        status_code=201,
+        response_model=ScheduleOut,
+        openapi_extra={"requestBody": _SCHEDULE_CREATE},
+        responses={409: {"model": ErrorOut, "description": "the name is taken"}, 422: invalid},
+    )
+    async def create_schedule(request: Request, response: Response) -> Any:
+        """Start runs of a pipeline on a cron expression, in a time zone."""
+        payload = await _read_object(request)
+        body = await anyio.to_thread.run_sync(
+            checked, functools.partial(service.create_schedule, payload)
+        )
+        response.headers["Location"] = request.url_for("get_schedule", schedule_id=body["id"]).path
+        return body
+
+    @router.get(
+        "/schedules/{schedule_id}",
+        response_model=ScheduleOut,
+        responses={404: {"model": ErrorOut}},
+    )
+    def get_schedule(schedule_id: ScheduleId) -> Any:
+        """One schedule, with its next fire time and the last run it started."""
+        return checked(lambda: service.get_schedule(schedule_id), schedule_id)
+
+    @router.patch(
+        "/schedules/{schedule_id}",
+        response_model=ScheduleOut,
+        openapi_extra={"requestBody": _SCHEDULE_PATCH},
+        responses={404: {"model": ErrorOut}, 422: invalid},
+    )
+    async def update_schedule(schedule_id: ScheduleId, request: Request) -> Any:
+        """Change its cron, time zone, params, overlap or catch-up; pause or resume it."""
+        payload = await _read_object(request)
+        change = functools.partial(service.update_schedule, schedule_id, payload)
+        return await anyio.to_thread.run_sync(checked, change, schedule_id)
+
+    @router.delete(
+        "/schedules/{schedule_id}",
+        status_code=204,
+        response_class=Response,
+        responses={404: {"model": ErrorOut}},
+    )
+    def delete_schedule(schedule_id: ScheduleId) -> Response:
+        """Delete it; the runs it started stay (their schedule_id still says which)."""
+        if not service.delete_schedule(schedule_id):
+            raise HTTPException(404, f"no schedule with id {schedule_id}")
+        return Response(status_code=204)
 
 
 def _event_data(run: Run) -> str:
@@ -652,15 +809,17 @@ def create_app(
     *,
     registry: Registry | Pipeline | Sequence[Pipeline] | None = None,
     bound_host: str | None = None,
+    clock: schedules.Clock | None = None,
 ) -> FastAPI:
     """The whole service: the runs API at the root, the dashboard at ``/``, ``/healthz``.
 
     It answers only the allowed ``Host`` names (``PIPELINE_ALLOWED_HOSTS``; by
     default the loopback names and ``bound_host``, the host the server listens
-    on, which ``pipeline serve`` passes).
+    on, which ``pipeline serve`` passes). ``clock`` is what schedules fire by
+    (the database's clock when None; tests walk one through hours in seconds).
     """
     settings = settings or get_settings()
-    service = Service(settings, registry)
+    service = Service(settings, registry, clock=clock)
     stream_slots = StreamSlots(
         total=settings.max_event_streams, per_client=settings.max_streams_per_client
     )

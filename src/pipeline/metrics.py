@@ -71,6 +71,22 @@ class Metrics:
             registry=r,
         )
 
+        self.schedule_ticks_fired = Counter(
+            "pipeline_schedule_ticks_fired",
+            "Schedule ticks that started a run (in this process).",
+            registry=r,
+        )
+        self.schedule_ticks_skipped = Counter(
+            "pipeline_schedule_ticks_skipped",
+            "Schedule ticks that started no run because of the overlap rule.",
+            registry=r,
+        )
+        self.schedule_ticks_missed = Counter(
+            "pipeline_schedule_ticks_missed",
+            "Schedule ticks that passed while no firer was up (catch_up fires the latest).",
+            registry=r,
+        )
+
     def watch_database(self, count: Callable[[], Mapping[str, int]]) -> None:
         """Report the runs by status at every scrape, with ``count``."""
         self.registry.register(_RunsNow(count))

@@ -98,6 +98,7 @@ class Run:
     phases: tuple[PhaseRecord, ...] = ()
     artifacts: tuple[Artifact, ...] = ()
     pipeline: str = DEFAULT_PIPELINE
+    schedule_id: int | None = None
 
     @classmethod
     def from_row(
@@ -111,6 +112,7 @@ class Run:
         return cls(
             id=row["id"],
             pipeline=row["pipeline"],
+            schedule_id=row["schedule_id"],
             status=RunStatus(row["status"]),
             params=row["params"],
             current_phase=row["current_phase"],
@@ -134,6 +136,7 @@ class Run:
         return {
             "id": self.id,
             "pipeline": self.pipeline,
+            "schedule_id": self.schedule_id,
             "status": self.status.value,
             "params": dict(self.params),
             "current_phase": self.current_phase,
@@ -322,8 +325,11 @@ def create_run(
     params: Mapping[str, Any],
     owner: str | None = None,
     pipeline: str = DEFAULT_PIPELINE,
+    schedule_id: int | None = None,
 ) -> Run:
     """Insert a queued run and return it; with ``owner`` it is reserved for that process.
+
+    ``schedule_id`` is set by the schedule that fires it (``pipeline.schedules``).
 
     Raises :class:`pipeline.params.InvalidParams` (nothing written) for params
     that a later read could not handle: every door creates runs here.
@@ -337,6 +343,7 @@ def create_run(
             "params": checked,
             "progress_current": 0,
             "owner": owner,
+            "schedule_id": schedule_id,
         },
     )
     return Run.from_row(row.mappings().one())

@@ -19,6 +19,9 @@ from sqlalchemy.sql.functions import FunctionElement
 metadata = sa.MetaData()
 
 RUN_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+SCHEDULE_OVERLAPS = ("skip", "queue", "allow")
+SCHEDULE_CATCH_UPS = ("latest", "none")
+TICK_OUTCOMES = ("fired", "skipped", "waiting", "error")
 PHASE_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 
 
@@ -112,10 +115,71 @@ analysis_runs = sa.Table(
     # "host:pid:process-start:thread" of the process executing (or about to
     # execute) the run; NULL while any executor may claim it.
     sa.Column("owner", sa.String(300)),
+    # The schedule that started the run (pipeline.schedules); NULL for runs
+    # started otherwise. Not a foreign key: a run outlives its schedule and
+    # keeps saying which one started it (schedule ids are never reused).
+    sa.Column("schedule_id", RunId),
     sa.CheckConstraint(_in("status", RUN_STATUSES), name="ck_analysis_runs_status"),
     sa.Index("ix_analysis_runs_status_id", "status", "id"),
     # Claims by pipeline: the oldest queued run of the pipelines a worker knows.
     sa.Index("ix_analysis_runs_pipeline_status_id", "pipeline", "status", "id"),
+    # The overlap rule: is a run of this schedule queued or running?
+    sa.Index("ix_analysis_runs_schedule_status", "schedule_id", "status"),
+)
+
+# Runs on a clock (pipeline.schedules). A disabled schedule has no
+# next_fire_at, so the due query (next_fire_at <= now, on its index) never
+# sees it and reads nothing but the schedules that are due.
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("id", RunId, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("pipeline", sa.String(64), nullable=False),
+    sa.Column("params", sa.JSON, nullable=False),
+    sa.Column("cron", sa.String(200), nullable=False),
+    sa.Column("timezone", sa.String(64), nullable=False),
+    sa.Column("enabled", sa.Boolean(create_constraint=False), nullable=False),
+    sa.Column("overlap", sa.String(8), nullable=False),
+    sa.Column("catch_up", sa.String(8), nullable=False),
+    sa.Column("next_fire_at", UTCDateTime),
+    sa.Column("last_fired_at", UTCDateTime),
+    # The last run a tick created, for "last run and its status" without a
+    # scan of the schedule's runs.
+    sa.Column(
+        "last_run_id",
+        RunId,
+        sa.ForeignKey("analysis_runs.id", ondelete="SET NULL", name="fk_schedules_last_run_id"),
+    ),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("name", name="uq_schedules_name"),
+    sa.CheckConstraint(_in("overlap", SCHEDULE_OVERLAPS), name="ck_schedules_overlap"),
+    sa.CheckConstraint(_in("catch_up", SCHEDULE_CATCH_UPS), name="ck_schedules_catch_up"),
+    sa.Index("ix_schedules_next_fire_at", "next_fire_at"),
+    # SQLite would otherwise reuse the id of the last schedule deleted.
+    sqlite_autoincrement=True,
+)
+
+# One row per tick a schedule fired (or skipped, or deferred): its primary key
+# is what makes a tick fire exactly once, whatever the number of firers.
+schedule_ticks = sa.Table(
+    "schedule_ticks",
+    metadata,
+    sa.Column(
+        "schedule_id",
+        RunId,
+        sa.ForeignKey("schedules.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("fire_at", UTCDateTime, primary_key=True),
+    sa.Column("outcome", sa.String(8), nullable=False),
+    sa.Column("run_id", RunId, sa.ForeignKey("analysis_runs.id", ondelete="SET NULL")),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.CheckConstraint(_in("outcome", TICK_OUTCOMES), name="ck_schedule_ticks_outcome"),
+    # Ticks waiting for their turn (overlap "queue"), by schedule, oldest first.
+    sa.Index("ix_schedule_ticks_outcome", "outcome", "schedule_id", "fire_at"),
+    # Deleting a run (retention) looks here for ticks to unlink.
+    sa.Index("ix_schedule_ticks_run_id", "run_id"),
 )
 
 # Idempotency-Key of POST /runs: the key's primary key makes two requests

@@ -17,13 +17,14 @@ import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import artifacts, db, retention, runs
+from pipeline import artifacts, db, retention, runs, schedules
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.orchestrator import Executor
 from pipeline.params import validate_params
 from pipeline.pipelines import Phase, Pipeline, Registry, load_pipelines
 from pipeline.runs import Outcome, Run, RunStatus
+from pipeline.schedules import Clock, Schedule
 from pipeline.schema import analysis_runs
 
 log = logging.getLogger("pipeline.service")
@@ -52,7 +53,9 @@ class Service:
         *,
         execute: bool | None = None,
         concurrency: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """``clock`` is what schedules fire by (tests walk it); None: the database's."""
         self.settings = settings
         self.execute = settings.executor == "thread" if execute is None else execute
         source = load_pipelines(settings.phases) if registry is None else registry
@@ -76,6 +79,9 @@ class Service:
             heartbeat_seconds=settings.heartbeat_seconds,
             busy_timeout_ms=settings.busy_timeout_ms,
             metrics=self.metrics,
+        )
+        self.firer = schedules.Firer(
+            self.engine, self.executor.pipelines, clock=clock, metrics=self.metrics
         )
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
@@ -137,11 +143,11 @@ class Service:
         return swept
 
     def _housekeeping(self) -> None:
-        """Sweep lost runs now and then; pick up runs queued by other processes.
+        """Fire due schedules; sweep lost runs now and then; pick up runs queued elsewhere.
 
-        The queue check is one indexed query per ``poll_seconds``; runners
-        that finish a run claim the next one themselves, so this only matters
-        for an idle process.
+        Schedules and the queue check are a few indexed queries per
+        ``poll_seconds``; runners that finish a run claim the next one
+        themselves, so the queue check only matters for an idle process.
         """
         poll = self.settings.poll_seconds
         since_sweep = 0.0
@@ -150,18 +156,30 @@ class Service:
             try:
                 since_sweep += poll
                 since_prune += poll
+                self.fire_schedules()
                 if since_sweep >= self.settings.sweep_seconds:
                     since_sweep = 0.0
                     self.sweep()
-                if self.settings.retention and since_prune >= self.settings.prune_seconds:
+                    self.firer.report_orphans()
+                if since_prune >= self.settings.prune_seconds:
                     since_prune = 0.0
-                    retention.prune(
-                        self.engine, older_than=retention.parse_duration(self.settings.retention)
-                    )
+                    self.firer.prune()
+                    if self.settings.retention:
+                        retention.prune(
+                            self.engine,
+                            older_than=retention.parse_duration(self.settings.retention),
+                        )
                 if self.execute and self._queue_waiting():
                     self.executor.wake()
             except Exception:
                 log.exception("housekeeping failed; will try again")
+
+    def fire_schedules(self) -> list[schedules.Fired]:
+        """Fire the due ticks; the runs they create start here when this process executes."""
+        fired = self.firer.fire_due()
+        if self.execute and any(f.run_id is not None for f in fired):
+            self.executor.wake()
+        return fired
 
     def _queue_waiting(self) -> bool:
         query = (
@@ -320,6 +338,43 @@ class Service:
         if found is None:
             raise NotFound(f"run {run_id} has no artifact {key[:64]!r}")
         return found
+
+    # -- schedules (pipeline.schedules holds their rules and SQL) --
+
+    def list_schedules(self) -> list[Schedule]:
+        with db.read(self.engine) as conn:
+            return schedules.list_schedules(conn)
+
+    def get_schedule(
+        self, schedule_id: int | None = None, *, name: str | None = None
+    ) -> Schedule | None:
+        with db.read(self.engine) as conn:
+            return schedules.get_schedule(conn, schedule_id=schedule_id, name=name)
+
+    def create_schedule(self, payload: Mapping[str, Any]) -> Schedule:
+        """Raises :class:`schedules.InvalidSchedule`, the params model's ``ValidationError``
+        or :class:`schedules.NameTaken`; nothing written."""
+        values = schedules.check_fields(payload, self.pipelines)
+        try:
+            with db.write(self.engine) as conn:
+                return schedules.create_schedule(conn, values, now=self.firer.now(conn))
+        except sa.exc.IntegrityError:  # the same name, created at the same instant
+            raise schedules.NameTaken(
+                f"a schedule named {values['name']!r} exists already"
+            ) from None
+
+    def update_schedule(self, schedule_id: int, payload: Mapping[str, Any]) -> Schedule | None:
+        """None if there is no such schedule; raises as :meth:`create_schedule` does."""
+        with db.write(self.engine) as conn:
+            current = schedules.get_schedule(conn, schedule_id=schedule_id)
+            if current is None:
+                return None
+            values = schedules.check_fields(payload, self.pipelines, current=current)
+            return schedules.update_schedule(conn, current, values, now=self.firer.now(conn))
+
+    def delete_schedule(self, schedule_id: int) -> bool:
+        with db.write(self.engine) as conn:
+            return schedules.delete_schedule(conn, schedule_id=schedule_id)
 
     def _count_by_status(self) -> dict[str, int]:
         with db.read(self.engine) as conn:
