@@ -18,9 +18,9 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline import serving
-from pipeline.logs import configure_logging
 from pipeline.api import create_app
 from pipeline.config import get_settings
+from pipeline.logs import configure_logging
 from pipeline.service import Service
 
 
@@ -59,6 +59,7 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     service.start()
+    print("worker ready", flush=True)
     stop.wait()
     service.stop(wait=True)
     return 0

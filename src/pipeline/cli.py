@@ -1,4 +1,4 @@
-"""The ``pipeline`` command: migrate, run, status, show, list (and serve)."""
+"""The ``pipeline`` command: migrate, run, status, show, list, schedule (and serve)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import sqlalchemy as sa
 from pydantic import ValidationError
@@ -31,6 +31,11 @@ from pipeline.orchestrator import Executor, RegistryError, UnknownPipeline, desc
 from pipeline.params import InvalidParams, parse_json, validate_params
 from pipeline.pipelines import load_pipelines, one_line
 from pipeline.runs import RunStatus
+from pipeline.schema import SCHEDULE_CATCH_UPS, SCHEDULE_OVERLAPS
+
+if TYPE_CHECKING:
+    from pipeline.schedules import Schedule
+    from pipeline.service import Service
 
 EXIT_CODES = {RunStatus.COMPLETED: 0, RunStatus.FAILED: 1, RunStatus.CANCELLED: 2}
 MAX_RUN_ID = 2**63 - 1  # run ids are 64-bit
@@ -465,6 +470,159 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- schedules: the same Service methods (and checks) as /schedules over HTTP --
+
+
+@contextmanager
+def _schedule_service(settings: Settings) -> Iterator[Service]:
+    """A Service that starts nothing (no thread): its pipelines check what is written."""
+    from pipeline.service import Service
+
+    service = Service(settings, execute=False)
+    try:
+        db.check_schema(service.engine)
+        yield service
+    finally:
+        service.stop(wait=False)  # nothing was started: this disposes of the engine
+
+
+def _schedule_named(service: Service, name: str) -> Schedule:
+    found = service.get_schedule(name=name)
+    if found is None:
+        raise UsageError(f"no schedule named {name!r}")
+    return found
+
+
+def _checked_schedule(call: Callable[[], Schedule | None]) -> Schedule | None:
+    """``call()``, its refusals (as over HTTP: 422 or 409) as one-line usage errors."""
+    from pipeline import schedules
+
+    try:
+        result = call()
+    except schedules.InvalidSchedule as exc:
+        raise UsageError(str(exc)) from None
+    except ValidationError as exc:  # the pipeline's params model refused them
+        raise UsageError(f"--params: {one_line(exc)}") from None
+    except schedules.NameTaken as exc:
+        raise UsageError(str(exc)) from None
+    return result
+
+
+def _next_fire_text(schedule: Schedule) -> str:
+    if not schedule.enabled:
+        return "paused"
+    return f"next fire {runs.rfc3339(schedule.next_fire_at) or '-'}"
+
+
+def cmd_schedule_add(settings: Settings, args: argparse.Namespace) -> int:
+    payload: dict[str, Any] = {
+        "name": args.name,
+        "params": _params(args.params),
+        "cron": args.cron,
+        "enabled": not args.disabled,
+    }
+    optional = {
+        "pipeline": args.pipeline,
+        "timezone": args.timezone,
+        "overlap": args.overlap,
+        "catch_up": args.catch_up,
+    }
+    payload.update({key: value for key, value in optional.items() if value is not None})
+    with _schedule_service(settings) as service:
+        created = _checked_schedule(lambda: service.create_schedule(payload))
+    assert created is not None
+    words = created.to_dict()["cron_text"]
+    print(created.id)
+    _say(
+        f"schedule {created.name!r} (id {created.id}) added for pipeline {created.pipeline}: ",
+        f"{created.cron!r}" + (f" ({words})" if words else ""),
+        f" in {created.timezone}; {_next_fire_text(created)}",
+        "" if created.enabled else f" (`pipeline schedule resume {created.name}` starts it)",
+    )
+    return 0
+
+
+def cmd_schedule_list(settings: Settings, args: argparse.Namespace) -> int:
+    with _schedule_service(settings) as service:
+        found = service.list_schedules()
+    table = Table(
+        "id",
+        "name",
+        "pipeline",
+        "cron",
+        "in words",
+        "timezone",
+        "enabled",
+        "overlap",
+        "next fire (UTC)",
+        "last run",
+    )
+    for schedule in found:
+        shown = schedule.to_dict()
+        last = shown["last_run"]
+        table.add_row(  # Text cells: a stored value is never read as markup
+            _text(schedule.id),
+            _text(schedule.name),
+            _text(schedule.pipeline),
+            _text(schedule.cron),
+            _text(shown["cron_text"] or "-"),
+            _text(schedule.timezone),
+            _text("yes" if schedule.enabled else "no (paused)"),
+            _text(schedule.overlap),
+            _text(shown["next_fire_at"] or "-"),
+            _text("-" if last is None else f"{last['id']} {last['status'] or ''}".strip()),
+        )
+    Console().print(table)
+    if not found:
+        _say("no schedules; `pipeline schedule add NAME --cron EXPR` adds one")
+    return 0
+
+
+def _set_enabled(settings: Settings, name: str, *, enabled: bool) -> Schedule:
+    with _schedule_service(settings) as service:
+        current = _schedule_named(service, name)
+        changed = _checked_schedule(
+            lambda: service.update_schedule(current.id, {"enabled": enabled})
+        )
+    if changed is None:  # removed meanwhile
+        raise UsageError(f"no schedule named {name!r}")
+    return changed
+
+
+def cmd_schedule_pause(settings: Settings, args: argparse.Namespace) -> int:
+    paused = _set_enabled(settings, args.name, enabled=False)
+    _say(f"schedule {paused.name!r} paused; it starts no run until resumed")
+    return 0
+
+
+def cmd_schedule_resume(settings: Settings, args: argparse.Namespace) -> int:
+    resumed = _set_enabled(settings, args.name, enabled=True)
+    _say(f"schedule {resumed.name!r} resumed; {_next_fire_text(resumed)}")
+    return 0
+
+
+def cmd_schedule_remove(settings: Settings, args: argparse.Namespace) -> int:
+    with _schedule_service(settings) as service:
+        current = _schedule_named(service, args.name)
+        if not service.delete_schedule(current.id):  # removed meanwhile
+            raise UsageError(f"no schedule named {args.name!r}")
+    _say(f"schedule {current.name!r} (id {current.id}) removed; the runs it started are kept")
+    return 0
+
+
+SCHEDULE_COMMANDS = {
+    "add": cmd_schedule_add,
+    "list": cmd_schedule_list,
+    "pause": cmd_schedule_pause,
+    "resume": cmd_schedule_resume,
+    "remove": cmd_schedule_remove,
+}
+
+
+def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
+    return SCHEDULE_COMMANDS[args.schedule_command](settings, args)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2), not a usage dump."""
 
@@ -522,7 +680,39 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="a table of recent runs")
     listing.add_argument("--status", choices=[s.value for s in RunStatus])
     listing.add_argument("--limit", type=int, default=20, choices=range(1, 501), metavar="1-500")
+    _add_schedule_parser(sub)
     return parser
+
+
+def _add_schedule_parser(sub: Any) -> None:
+    schedule = sub.add_parser("schedule", help="runs of a pipeline on a cron expression")
+    actions = schedule.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add a schedule (prints its id)")
+    add.add_argument("name", metavar="NAME", help="a slug: [a-z0-9][a-z0-9_-]{0,63}, unique")
+    add.add_argument("--pipeline", help="the pipeline it runs (required when several are loaded)")
+    add.add_argument("--cron", required=True, metavar="EXPR", help="e.g. '0 6 * * MON-FRI', @daily")
+    add.add_argument("--timezone", metavar="TZ", help="an IANA time zone name (default UTC)")
+    add.add_argument("--params", metavar="JSON", help="the runs' parameters, a JSON object")
+    add.add_argument(
+        "--overlap",
+        choices=SCHEDULE_OVERLAPS,
+        help="while one of its runs is queued or running: skip a tick (default), queue it, "
+        "or allow another run",
+    )
+    add.add_argument(
+        "--catch-up",
+        choices=SCHEDULE_CATCH_UPS,
+        help="after downtime: fire once for the latest missed tick (default), or none",
+    )
+    add.add_argument("--disabled", action="store_true", help="add it paused")
+    actions.add_parser("list", help="a table of the schedules and their next fire times")
+    for action, what in (
+        ("pause", "start no run until resumed"),
+        ("resume", "fire again, from the next tick on"),
+        ("remove", "delete it (the runs it started are kept)"),
+    ):
+        one = actions.add_parser(action, help=what)
+        one.add_argument("name", metavar="NAME")
 
 
 COMMANDS = {
@@ -534,6 +724,7 @@ COMMANDS = {
     "status": cmd_status,
     "show": cmd_show,
     "list": cmd_list,
+    "schedule": cmd_schedule,
 }
 
 

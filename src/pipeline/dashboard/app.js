@@ -4,7 +4,8 @@
  * catch runs started elsewhere); every active run is followed live through
  * GET /runs/{id}/events, read with fetch() and a small server-sent-events
  * parser (EventSource cannot send an Authorization header). Everything the
- * server says is put on the page with textContent, never as HTML.
+ * server says is put on the page with textContent, never as HTML. The
+ * schedules panel (schedules.js) is started from init() with the helpers here.
  */
 "use strict";
 
@@ -270,6 +271,7 @@
     renderSummary();
     if (state.selected === run.id) renderDetails();
     ensureStreams();
+    if (schedulesPanel && run.schedule_id !== null && run.schedule_id !== undefined) schedulesPanel.runSeen(run);
   }
 
   function renderList() {
@@ -308,6 +310,7 @@
     r.title = h("button", { type: "button", className: "run-title", "data-testid": `run-open-${id}` }, `Run #${id}`);
     r.status = h("span", { className: "badge", "data-testid": `run-status-${id}` });
     r.pipeline = h("span", { className: "run-pipeline muted small", "data-testid": `run-pipeline-${id}` });
+    r.schedule = h("span", { className: "pill pill-schedule", "data-testid": `run-schedule-${id}` });
     r.duration = h("span", { className: "run-duration muted", "data-testid": `run-duration-${id}`, title: "Duration" });
     r.cancel = h("button", {
       type: "button",
@@ -348,7 +351,7 @@
       "li",
       { className: "run-row", "data-testid": `run-row-${id}`, "data-run-id": id },
       h("div", { className: "run-head" },
-        h("div", { className: "run-name" }, r.title, r.pipeline, r.status),
+        h("div", { className: "run-name" }, r.title, r.pipeline, r.status, r.schedule),
         h("div", { className: "run-side" }, r.duration, r.cancel, r.resume)),
       h("div", { className: "run-line" }, r.phase, r.sub),
       h("div", { className: "bar-row" }, r.bar, r.percent),
@@ -372,6 +375,11 @@
 
     setText(r.status, run.status);
     setText(r.pipeline, run.pipeline || "");
+    const startedBy = scheduleLabel(run.schedule_id);
+    r.schedule.hidden = !startedBy;
+    setText(r.schedule, startedBy);
+    if (startedBy) r.schedule.title = `Started by ${startedBy}`;
+    else r.schedule.removeAttribute("title");
     r.status.className = `badge badge-${run.status}`;
     r.status.dataset.status = run.status;
 
@@ -464,7 +472,7 @@
   function renderDetails() {
     const panel = $('[data-testid="run-details"]');
     const run = state.selected === null ? null : state.runs.get(state.selected);
-    const key = run ? JSON.stringify(run) + [...state.pending].join(",") : "";
+    const key = run ? JSON.stringify(run) + [...state.pending].join(",") + scheduleLabel(run.schedule_id) : "";
     if (key === state.detailsKey && panel.firstChild) return;
     state.detailsKey = key;
     panel.classList.toggle("is-empty", !run);
@@ -489,7 +497,10 @@
         fact("Started", formatTime(run.started_at)),
         fact("Finished", formatTime(run.completed_at)),
         fact("Duration", ms === null ? "—" : formatDuration(ms), "details-duration"),
-        fact("Progress", formatPercent(run.percent), "details-percent")),
+        fact("Progress", formatPercent(run.percent), "details-percent"),
+        run.schedule_id === null || run.schedule_id === undefined
+          ? null
+          : fact("Started by", scheduleLabel(run.schedule_id), "details-schedule")),
     ];
     if (run.error_message) {
       children.push(h("div", { className: "callout callout-error", "data-testid": "details-error" },
@@ -690,35 +701,17 @@
 
   async function startRun(event) {
     event.preventDefault();
-    const input = $('[data-testid="params-input"]');
-    const error = $('[data-testid="params-error"]');
     const button = $('[data-testid="start-button"]');
-    const showParamsError = (message) => {
-      setText(error, message);
-      error.hidden = false;
-      input.setAttribute("aria-invalid", "true");
-    };
-    error.hidden = true;
-    input.removeAttribute("aria-invalid");
-    clearFieldErrors();
-
-    const text = input.value.trim() || "{}";
-    let params;
-    try {
-      params = usingForm() ? formParams() : JSON.parse(text);
-    } catch (err) {
-      showParamsError(`The parameters are not valid JSON (${err.message}). Use an object such as {"subreddit": "python"}.`);
-      return;
-    }
-    if (params === null || typeof params !== "object" || Array.isArray(params)) {
-      const kind = params === null ? "null" : Array.isArray(params) ? "a list" : `a ${typeof params}`;
-      showParamsError(`The parameters must be a JSON object like {"key": "value"}, not ${kind}.`);
+    const read = startForm.read();
+    if (!read.ok) {
+      startForm.showError(read.message);
       return;
     }
 
     button.disabled = true;
     setText(button, "Starting…");
     try {
+      const params = read.params;
       const response = await api("runs", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
@@ -730,10 +723,10 @@
         applyRun(body, "create");
         select(body.id, true);
       } else if (response.status === 422 && body && Array.isArray(body.detail)) {
-        const rest = showFieldErrors(body.detail);
-        if (rest.length) showParamsError(`The server rejected the parameters: ${rest.join("; ")}`);
+        const rest = startForm.showFieldErrors(body.detail);
+        if (rest.length) startForm.showError(`The server rejected the parameters: ${rest.join("; ")}`);
       } else if (response.status === 422) {
-        showParamsError(`The server rejected the parameters: ${readableDetail(body, "they are not valid")}`);
+        startForm.showError(`The server rejected the parameters: ${readableDetail(body, "they are not valid")}`);
       } else {
         showError(`Could not start a run: ${readableDetail(body, `the server answered ${response.status}`)}`);
       }
@@ -747,7 +740,7 @@
 
   // -- pipelines and the params form -------------------------------------------------
 
-  const pipelines = { items: [], selected: null, fields: [] };
+  const pipelines = { items: [], selected: null };
 
   /** The JSON Schema of one property without its "or null" (pydantic's Optional). */
   function baseSchema(prop) {
@@ -758,18 +751,14 @@
     return prop || {};
   }
 
-  function usingForm() {
-    const advanced = $('[data-testid="params-advanced"]');
-    return pipelines.fields.length > 0 && !advanced.open;
-  }
-
-  function buildField(name, prop, required) {
+  /** One input for one property; ids and test ids start with `prefix` ("param-limit"). */
+  function buildField(prefix, name, prop, required) {
     const schema = baseSchema(prop);
-    const id = `param-${name}`;
+    const id = `${prefix}-${name}`;
     const help = schema.description || prop.description || "";
     let input;
     if (Array.isArray(schema.enum)) {
-      input = h("select", { id, "data-testid": `param-${name}` },
+      input = h("select", { id, "data-testid": id },
         required ? null : h("option", { value: "" }, "(default)"),
         schema.enum.map((value, i) => h("option", { value: String(i) }, String(value))));
       if (schema.default !== undefined) {
@@ -777,23 +766,23 @@
         if (index >= 0) input.value = String(index);
       }
     } else if (schema.type === "boolean") {
-      input = h("input", { id, type: "checkbox", "data-testid": `param-${name}` });
+      input = h("input", { id, type: "checkbox", "data-testid": id });
       input.checked = schema.default === true;
     } else if (schema.type === "integer" || schema.type === "number") {
       input = h("input", {
         id,
         type: "number",
-        "data-testid": `param-${name}`,
+        "data-testid": id,
         min: schema.minimum ?? schema.exclusiveMinimum,
         max: schema.maximum ?? schema.exclusiveMaximum,
         step: schema.type === "integer" ? "1" : "any",
       });
       if (schema.default !== undefined && schema.default !== null) input.value = String(schema.default);
     } else {
-      input = h("input", { id, type: "text", "data-testid": `param-${name}`, spellcheck: "false" });
+      input = h("input", { id, type: "text", "data-testid": id, spellcheck: "false" });
       if (typeof schema.default === "string") input.value = schema.default;
     }
-    const error = h("p", { className: "field-error", "data-testid": `param-error-${name}`, role: "alert", id: `${id}-error` });
+    const error = h("p", { className: "field-error", "data-testid": `${prefix}-error-${name}`, role: "alert", id: `${id}-error` });
     error.hidden = true;
     input.setAttribute("aria-describedby", `${id}-help ${id}-error`);
     const root = h("div", { className: "param-field" },
@@ -817,59 +806,123 @@
     return input.value;
   }
 
-  function formParams() {
-    const params = {};
-    for (const field of pipelines.fields) {
-      const value = fieldValue(field);
-      if (value !== undefined) params[field.name] = value;
-    }
-    return params;
-  }
+  /**
+   * A params form built from a pipeline's JSON Schema, with its "advanced" JSON
+   * box: used by the start form and by the new-schedule form. `holder` gets the
+   * fields, `advanced` is the <details> around `textarea`, `error` shows what
+   * no field shows; field ids and test ids start with `prefix`.
+   */
+  function paramsForm({ holder, advanced, textarea, error, prefix }) {
+    let fields = [];
 
-  function clearFieldErrors() {
-    for (const field of pipelines.fields) {
-      field.error.hidden = true;
-      field.input.removeAttribute("aria-invalid");
+    function usingForm() {
+      return fields.length > 0 && !advanced.open;
     }
-  }
 
-  /** Shows each error next to its field; returns the messages no field shows. */
-  function showFieldErrors(detail) {
-    const rest = [];
-    for (const item of detail) {
-      const loc = Array.isArray(item.loc) ? item.loc : [];
-      const name = loc[0] === "body" && loc[1] === "params" ? loc[2] : undefined;
-      const field = usingForm() ? pipelines.fields.find((f) => f.name === name) : undefined;
-      const message = String(item.msg || "invalid");
-      if (field) {
-        setText(field.error, message);
-        field.error.hidden = false;
-        field.input.setAttribute("aria-invalid", "true");
-      } else {
-        rest.push(name !== undefined ? `${loc.slice(2).join(".")}: ${message}` : message);
+    /** {ok: true, params} or {ok: false, message}, before anything is sent. */
+    function read() {
+      clearErrors();
+      if (usingForm()) {
+        const params = {};
+        for (const field of fields) {
+          const value = fieldValue(field);
+          if (value !== undefined) params[field.name] = value;
+        }
+        return { ok: true, params };
+      }
+      let params;
+      try {
+        params = JSON.parse(textarea.value.trim() || "{}");
+      } catch (err) {
+        return { ok: false, message: `The parameters are not valid JSON (${err.message}). Use an object such as {"subreddit": "python"}.` };
+      }
+      if (params === null || typeof params !== "object" || Array.isArray(params)) {
+        const kind = params === null ? "null" : Array.isArray(params) ? "a list" : `a ${typeof params}`;
+        return { ok: false, message: `The parameters must be a JSON object like {"key": "value"}, not ${kind}.` };
+      }
+      return { ok: true, params };
+    }
+
+    function showError(message) {
+      setText(error, message);
+      error.hidden = false;
+      textarea.setAttribute("aria-invalid", "true");
+    }
+
+    function clearErrors() {
+      error.hidden = true;
+      textarea.removeAttribute("aria-invalid");
+      for (const field of fields) {
+        field.error.hidden = true;
+        field.input.removeAttribute("aria-invalid");
       }
     }
-    return rest;
+
+    /** Shows each error next to its field; returns the messages no field shows. */
+    function showFieldErrors(detail) {
+      const rest = [];
+      for (const item of detail) {
+        const loc = Array.isArray(item.loc) ? item.loc : [];
+        const name = loc[0] === "body" && loc[1] === "params" ? loc[2] : undefined;
+        const field = usingForm() ? fields.find((f) => f.name === name) : undefined;
+        const message = String(item.msg || "invalid");
+        if (field) {
+          setText(field.error, message);
+          field.error.hidden = false;
+          field.input.setAttribute("aria-invalid", "true");
+        } else {
+          rest.push(name !== undefined ? `${loc.slice(2).join(".")}: ${message}` : message);
+        }
+      }
+      return rest;
+    }
+
+    /** The fields of `pipeline` (an item of GET /pipelines), or none. */
+    function render(pipeline) {
+      holder.replaceChildren();
+      fields = [];
+      const schema = pipeline && pipeline.params_schema;
+      const props = schema && schema.properties ? schema.properties : {};
+      const required = new Set((schema && schema.required) || []);
+      for (const [name, prop] of Object.entries(props)) {
+        const field = buildField(prefix, name, prop || {}, required.has(name));
+        fields.push(field);
+        holder.append(field.root);
+      }
+      holder.hidden = fields.length === 0;
+      advanced.querySelector("summary").hidden = fields.length === 0;
+      advanced.open = fields.length === 0;
+      clearErrors();
+    }
+
+    /** Puts `params` in the fields and the JSON box; what the fields cannot hold opens the box. */
+    function fill(params) {
+      const known = new Set(fields.map((f) => f.name));
+      const fits = Object.keys(params).every((key) => known.has(key));
+      for (const field of fields) {
+        const value = params[field.name];
+        if (Array.isArray(field.schema.enum)) field.input.value = value === undefined ? "" : String(field.schema.enum.indexOf(value));
+        else if (field.schema.type === "boolean") field.input.checked = value === true;
+        else field.input.value = value === undefined || value === null ? "" : String(value);
+      }
+      textarea.value = JSON.stringify(params);
+      if (fields.length && !fits) advanced.open = true;
+      return fits;
+    }
+
+    function firstInput() {
+      return usingForm() ? fields[0].input : textarea;
+    }
+
+    return { read, showError, clearErrors, showFieldErrors, render, fill, firstInput, usingForm };
   }
+
+  let startForm = null;  // the start form's params form, made in init()
 
   function renderPipeline(name) {
     const chosen = pipelines.items.find((p) => p.name === name);
-    const holder = $('[data-testid="params-form"]');
-    const advanced = $('[data-testid="params-advanced"]');
-    holder.replaceChildren();
-    pipelines.fields = [];
     setText($('[data-testid="pipeline-description"]'), chosen ? chosen.description || "" : "");
-    const schema = chosen && chosen.params_schema;
-    const props = schema && schema.properties ? schema.properties : {};
-    const required = new Set((schema && schema.required) || []);
-    for (const [name, prop] of Object.entries(props)) {
-      const field = buildField(name, prop || {}, required.has(name));
-      pipelines.fields.push(field);
-      holder.append(field.root);
-    }
-    holder.hidden = pipelines.fields.length === 0;
-    advanced.querySelector("summary").hidden = pipelines.fields.length === 0;
-    advanced.open = pipelines.fields.length === 0;
+    startForm.render(chosen);
   }
 
   /** Opens the start form on a run's pipeline, filled with its params. */
@@ -882,31 +935,20 @@
       }
       renderPipeline(run.pipeline);
     }
-    const known = new Set(pipelines.fields.map((f) => f.name));
-    const fits = Object.keys(params).every((key) => known.has(key));
-    for (const field of pipelines.fields) {
-      const value = params[field.name];
-      if (Array.isArray(field.schema.enum)) field.input.value = value === undefined ? "" : String(field.schema.enum.indexOf(value));
-      else if (field.schema.type === "boolean") field.input.checked = value === true;
-      else field.input.value = value === undefined || value === null ? "" : String(value);
-    }
-    $('[data-testid="params-input"]').value = JSON.stringify(params);
-    // What the form cannot hold goes through the JSON box.
-    if (pipelines.fields.length && !fits) $('[data-testid="params-advanced"]').open = true;
+    startForm.fill(params);
     const form = $('[data-testid="start-form"]');
     form.scrollIntoView({ block: "nearest" });
-    const first = pipelines.fields.length && fits ? pipelines.fields[0].input : $('[data-testid="params-input"]');
-    first.focus();
+    startForm.firstInput().focus();
   }
 
   async function loadPipelines() {
     try {
       const response = await api("pipelines");
-      if (!response.ok) return;
+      if (!response.ok) return [];
       const body = await readJson(response);
       pipelines.items = (body && body.items) || [];
     } catch (_) {
-      return;
+      return [];
     }
     const picker = $('[data-testid="pipeline-select"]');
     picker.replaceChildren(...pipelines.items.map((p) => h("option", { value: p.name }, p.name)));
@@ -919,6 +961,46 @@
       renderPipeline(picker.value);
     });
     if (pipelines.items.length) renderPipeline(pipelines.items[0].name);
+    return pipelines.items;
+  }
+
+  // -- schedules (the panel itself is schedules.js) -----------------------------------
+
+  let schedulesPanel = null;  // what window.PipelineSchedules.start() returned
+
+  /** "schedule nightly" for a run a schedule started, "" for the others. */
+  function scheduleLabel(scheduleId) {
+    if (scheduleId === null || scheduleId === undefined) return "";
+    return schedulesPanel ? schedulesPanel.label(scheduleId) : `schedule #${scheduleId}`;
+  }
+
+  /** The schedules were (re)loaded: redraw what names them. */
+  function schedulesChanged() {
+    for (const run of state.runs.values()) {
+      if (run.schedule_id !== null && run.schedule_id !== undefined) renderRow(run);
+    }
+    if (state.selected !== null) renderDetails();
+  }
+
+  async function openRun(id) {
+    if (!state.runs.has(id)) await refreshOne(id);
+    if (!state.runs.has(id)) return;
+    if (state.selected !== id) select(id, true);
+    const row = state.rows.get(id);
+    if (row) row.root.scrollIntoView({ block: "nearest" });
+  }
+
+  function startSchedules(pipelinesLoaded) {
+    if (!window.PipelineSchedules) return;
+    schedulesPanel = window.PipelineSchedules.start({
+      $, h, setText, api, readJson, readableDetail, parseTime, plural, showError, hideError,
+      paramsForm,
+      pipelines: () => pipelines.items,
+      pipelinesLoaded,
+      runStatus: (id) => (state.runs.has(id) ? state.runs.get(id).status : null),
+      openRun,
+      changed: schedulesChanged,
+    });
   }
 
   // -- live updates --------------------------------------------------------------
@@ -1075,6 +1157,13 @@
 
   function init() {
     memoryToken = getToken();
+    startForm = paramsForm({
+      holder: $('[data-testid="params-form"]'),
+      advanced: $('[data-testid="params-advanced"]'),
+      textarea: $('[data-testid="params-input"]'),
+      error: $('[data-testid="params-error"]'),
+      prefix: "param",
+    });
     $('[data-testid="start-form"]').addEventListener("submit", startRun);
     $(".banner-close").addEventListener("click", hideError);
     $('[data-testid="params-input"]').addEventListener("keydown", (event) => {
@@ -1088,7 +1177,7 @@
     });
     setInterval(tick, 1000);
     refreshList();
-    loadPipelines();
+    startSchedules(loadPipelines());
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
