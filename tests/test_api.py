@@ -39,6 +39,7 @@ from .conftest import read_run, scalar, wait_for
 RUN_FIELDS = {
     "id",
     "pipeline",
+    "schedule_id",
     "status",
     "params",
     "current_phase",

@@ -2,8 +2,8 @@
 
 Each command works on a migrated database (SQLite, and PostgreSQL too for the
 ``db_url`` tests when PIPELINE_TEST_POSTGRES_URL is set). What they wrote is
-read back from the database; every refusal is one line, exit 64 (as every
-other bad input of the CLI), and writes nothing.
+read back from the database; every refusal is one line, exit 2 (what the
+schedules issue asks, the code of a usage error), and writes nothing.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
-def one_line_refusal(result: subprocess.CompletedProcess[str], code: int = 64) -> str:
+def one_line_refusal(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
     """The refusal's one stderr line (and nothing on stdout, no traceback)."""
     assert result.returncode == code, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr
@@ -279,7 +279,7 @@ def test_pipeline_may_be_left_out_only_when_one_is_loaded(sqlite_env, sqlite_eng
         ),
     ],
 )
-def test_bad_add_is_one_line_exit_64_and_writes_nothing(sqlite_env, sqlite_engine, args, message):
+def test_bad_add_is_one_line_exit_2_and_writes_nothing(sqlite_env, sqlite_engine, args, message):
     """Each mistake in `schedule add` is named in one line; no schedule is created."""
     result = pipeline(sqlite_env, "schedule", "add", "nightly", *args)
     assert message in one_line_refusal(result)
@@ -306,7 +306,7 @@ def test_taken_name_is_refused_and_the_first_stays(cli_env, engine):
 
 
 def test_unknown_name_is_one_line_and_changes_nothing(sqlite_env, sqlite_engine):
-    """pause/resume/remove of a name no schedule has: one line, exit 64 (as `status` of no run)."""
+    """pause/resume/remove of a name no schedule has: one line, exit 2, nothing changed."""
     ok(pipeline(sqlite_env, "schedule", "add", "kept", "--cron", "@daily"))
     before = read_schedule(sqlite_engine, "kept")
     for action in ("pause", "resume", "remove"):
@@ -333,5 +333,5 @@ def test_usage_mistakes_are_one_line_exit_2(sqlite_env, sqlite_engine, args, mes
 def test_an_unmigrated_database_is_refused_with_the_fix(tmp_path):
     """`schedule list` on a database not migrated says to run `pipeline migrate`."""
     env = environment(f"sqlite:///{tmp_path / 'new.db'}", tmp_path)
-    line = one_line_refusal(pipeline(env, "schedule", "list"))
+    line = one_line_refusal(pipeline(env, "schedule", "list"), code=64)  # as every command
     assert "pipeline migrate" in line

@@ -44,7 +44,16 @@ console = Console(stderr=True)
 
 
 class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 64."""
+    """Bad input from the user: printed as one line, exit code 64 (or the one given)."""
+
+    def __init__(self, message: str, *, exit_code: int = 64) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# What the schedule commands exit with for input they refuse (the 422s and 409
+# over HTTP): 2, the code of a usage error, as the schedules issue asks.
+SCHEDULE_REFUSED = 2
 
 
 class DatabaseError(Exception):
@@ -489,7 +498,7 @@ def _schedule_service(settings: Settings) -> Iterator[Service]:
 def _schedule_named(service: Service, name: str) -> Schedule:
     found = service.get_schedule(name=name)
     if found is None:
-        raise UsageError(f"no schedule named {name!r}")
+        raise UsageError(f"no schedule named {name!r}", exit_code=SCHEDULE_REFUSED)
     return found
 
 
@@ -500,11 +509,11 @@ def _checked_schedule(call: Callable[[], Schedule | None]) -> Schedule | None:
     try:
         result = call()
     except schedules.InvalidSchedule as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc), exit_code=SCHEDULE_REFUSED) from None
     except ValidationError as exc:  # the pipeline's params model refused them
-        raise UsageError(f"--params: {one_line(exc)}") from None
+        raise UsageError(f"--params: {one_line(exc)}", exit_code=SCHEDULE_REFUSED) from None
     except schedules.NameTaken as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(str(exc), exit_code=SCHEDULE_REFUSED) from None
     return result
 
 
@@ -515,9 +524,13 @@ def _next_fire_text(schedule: Schedule) -> str:
 
 
 def cmd_schedule_add(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        params = _params(args.params)
+    except UsageError as exc:
+        raise UsageError(str(exc), exit_code=SCHEDULE_REFUSED) from None
     payload: dict[str, Any] = {
         "name": args.name,
-        "params": _params(args.params),
+        "params": params,
         "cron": args.cron,
         "enabled": not args.disabled,
     }
@@ -585,7 +598,7 @@ def _set_enabled(settings: Settings, name: str, *, enabled: bool) -> Schedule:
             lambda: service.update_schedule(current.id, {"enabled": enabled})
         )
     if changed is None:  # removed meanwhile
-        raise UsageError(f"no schedule named {name!r}")
+        raise UsageError(f"no schedule named {name!r}", exit_code=SCHEDULE_REFUSED)
     return changed
 
 
@@ -605,7 +618,7 @@ def cmd_schedule_remove(settings: Settings, args: argparse.Namespace) -> int:
     with _schedule_service(settings) as service:
         current = _schedule_named(service, args.name)
         if not service.delete_schedule(current.id):  # removed meanwhile
-            raise UsageError(f"no schedule named {args.name!r}")
+            raise UsageError(f"no schedule named {args.name!r}", exit_code=SCHEDULE_REFUSED)
     _say(f"schedule {current.name!r} (id {current.id}) removed; the runs it started are kept")
     return 0
 
@@ -742,7 +755,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_url(url)
         return COMMANDS[args.command](settings, args)
-    except (UsageError, RegistryError, db.SchemaNotCurrent) as exc:
+    except UsageError as exc:
+        _error(str(exc), url)
+        return exc.exit_code
+    except (RegistryError, db.SchemaNotCurrent) as exc:
         _error(str(exc), url)
         return 64
     except db.DatabaseBusy as exc:  # busy, or unavailable: say why, when the driver said

@@ -358,7 +358,10 @@ class Service:
         try:
             with db.write(self.engine) as conn:
                 return schedules.create_schedule(conn, values, now=self.firer.now(conn))
-        except sa.exc.IntegrityError:  # the same name, created at the same instant
+        except sa.exc.IntegrityError:
+            if self.get_schedule(name=values["name"]) is None:
+                raise
+            # The same name, created at the same instant by another request.
             raise schedules.NameTaken(
                 f"a schedule named {values['name']!r} exists already"
             ) from None

@@ -255,9 +255,9 @@
         // The browser does not know the zone: the instant in UTC says it exactly.
         setText(r.nextZone, `${new Date(t).toISOString().replace(".000", "")} (${schedule.timezone})`);
       } else {
-        setText(r.nextZone, `${inZone} ${schedule.timezone}${sameWallTime ? " (your time too)" : ""}`);
+        setText(r.nextZone, `${inZone} in ${schedule.timezone}${sameWallTime ? " (your time too)" : ""}`);
       }
-      setText(r.nextLocal, `${local} your time`);
+      setText(r.nextLocal, `${local}, your time`);
       r.nextLocal.hidden = sameWallTime;
     }
 
