@@ -165,7 +165,10 @@ def test_every_tick_fires_exactly_once_across_processes(db_url, firers):
             for line in httpx2.get(f"{url}/metrics", timeout=10).text.splitlines()
             if line.startswith("pipeline_schedule_ticks_fired_total")
         ]
-        assert sum(fired_by_servers) <= TICKS
+        # Everyone raced: the ticks were fired by more than one process (each
+        # polls every 20 ms, so one winning all 60 would mean the others never tried).
+        fired_by = [*fired_by_servers, TICKS - sum(fired_by_servers)]
+        assert sum(count > 0 for count in fired_by) >= 2, fired_by
     finally:
         engine.dispose()
     for log in firers.stop():

@@ -52,6 +52,7 @@ def upgrade() -> None:
         sqlite_autoincrement=True,
     )
     op.create_index("ix_schedules_next_fire_at", "schedules", ["next_fire_at"])
+    op.create_index("ix_schedules_last_run_id", "schedules", ["last_run_id"])
     op.create_table(
         "schedule_ticks",
         sa.Column(
@@ -73,6 +74,7 @@ def upgrade() -> None:
         "ix_schedule_ticks_outcome", "schedule_ticks", ["outcome", "schedule_id", "fire_at"]
     )
     op.create_index("ix_schedule_ticks_run_id", "schedule_ticks", ["run_id"])
+    op.create_index("ix_schedule_ticks_fire_at", "schedule_ticks", ["fire_at"])
     # Not a foreign key (a run outlives its schedule): a plain ADD COLUMN, no rebuild.
     op.add_column("analysis_runs", sa.Column("schedule_id", ID))
     op.create_index("ix_analysis_runs_schedule_status", "analysis_runs", ["schedule_id", "status"])

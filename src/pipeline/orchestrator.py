@@ -441,25 +441,35 @@ class Executor:
             raise
         return run_id
 
-    def wake(self) -> None:
-        """Make sure queued runs get a runner, up to the concurrency limit."""
+    def wake(self, count: int = 1) -> None:
+        """Make sure queued runs get a runner: up to ``count`` more, within the concurrency limit.
+
+        A process that finds many runs queued by others starts a runner for
+        each of them at once (up to the limit), not one per poll.
+        """
+        threads = []
         with self._lock:
             if self._stopping.is_set():
                 return
             self._recheck = True
-            if self._runners >= self.max_concurrent:
-                return
-            self._runners += 1
-            self._serial += 1
-            thread = threading.Thread(
-                target=self._runner, name=f"pipeline-runner-{self._serial}", daemon=False
-            )
-        self._start(thread)
+            for _ in range(max(count, 1)):
+                if self._runners >= self.max_concurrent:
+                    break
+                self._runners += 1
+                self._serial += 1
+                threads.append(
+                    threading.Thread(
+                        target=self._runner, name=f"pipeline-runner-{self._serial}", daemon=False
+                    )
+                )
+        for thread in threads:
+            self._start(thread)
 
     def _start(self, thread: threading.Thread) -> None:
+        # Started under the lock: shutdown never finds a thread it cannot join yet.
         with self._lock:
             self._threads.add(thread)
-        thread.start()
+            thread.start()
 
     def _next_claim(self) -> bool:
         """After an empty claim: claim again if something was queued meanwhile, else retire."""

@@ -30,7 +30,7 @@ import datetime as dt
 import functools
 import logging
 import zoneinfo
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,7 @@ MAX_WAITING = 100
 # Schedules fired per pass; more due wait for the next pass (a second later).
 DUE_BATCH = 100
 # Ticks counted one by one after downtime; beyond, the count is a lower bound.
-MAX_COUNTED_TICKS = 100_000
+MAX_COUNTED_TICKS = 10_000
 # How long fired ticks are kept (what was fired when); waiting ones stay until run.
 TICK_HISTORY = dt.timedelta(days=7)
 
@@ -114,9 +114,14 @@ def check_cron(expr: object) -> str:
     return expr.strip()
 
 
+# Names that are not a zone but this host's setting: they mean something else
+# on each machine, and firers on several machines must agree.
+_HOST_ZONES = frozenset({"localtime", "posixrules"})
+
+
 @functools.cache
 def _known_zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones() | {"UTC"})
+    return frozenset((zoneinfo.available_timezones() | {"UTC"}) - _HOST_ZONES)
 
 
 def check_timezone(name: object) -> str:
@@ -139,30 +144,48 @@ def describe(expr: str) -> str | None:
     return text
 
 
+def _ticks_after(expr: str, timezone: str, after: dt.datetime) -> Iterator[dt.datetime]:
+    """The ticks strictly after ``after``, in UTC, in order.
+
+    cronsim works on local wall time: inside a fall-back's repeated hour it
+    may give the first occurrence of a time that has passed already (02:30
+    CEST, asked from 02:10 CET); such a tick fired before, so it is skipped.
+    """
+    zone = zoneinfo.ZoneInfo(timezone)
+    last = after
+    for tick in CronSim(_fields(expr), after.astimezone(zone)):
+        at = tick.astimezone(dt.UTC)
+        if at > last:
+            last = at
+            yield at
+
+
 def next_fire(expr: str, timezone: str, after: dt.datetime) -> dt.datetime:
     """The first tick strictly after ``after``, in UTC."""
-    start = after.astimezone(zoneinfo.ZoneInfo(timezone))
-    return next(CronSim(_fields(expr), start)).astimezone(dt.UTC)
+    return next(_ticks_after(expr, timezone, after))
 
 
 def latest_tick(
     expr: str, timezone: str, first: dt.datetime, now: dt.datetime
 ) -> tuple[dt.datetime, int]:
-    """The last tick at or before ``now``, from the due tick ``first``, and how many were due."""
-    zone = zoneinfo.ZoneInfo(timezone)
+    """The last tick at or before ``now``, from the due tick ``first``, and how many were due.
+
+    After a very long downtime the count stops at ``MAX_COUNTED_TICKS`` (a lower
+    bound) and the latest tick is found walking back from ``now``.
+    """
     latest, count = first, 1
-    for tick in CronSim(_fields(expr), first.astimezone(zone)):
-        at = tick.astimezone(dt.UTC)
+    for at in _ticks_after(expr, timezone, first):
         if at > now:
             return latest, count
         latest, count = at, count + 1
         if count >= MAX_COUNTED_TICKS:
             break
-    # A very long downtime: find the latest by walking back from now instead.
-    back = next(
-        CronSim(_fields(expr), (now + dt.timedelta(microseconds=1)).astimezone(zone), reverse=True)
-    )
-    return back.astimezone(dt.UTC), count
+    start = (now + dt.timedelta(microseconds=1)).astimezone(zoneinfo.ZoneInfo(timezone))
+    for tick in CronSim(_fields(expr), start, reverse=True):
+        at = tick.astimezone(dt.UTC)
+        if at <= now:
+            return max(at, latest), count
+    return latest, count  # pragma: no cover - cronsim's reverse walk is endless
 
 
 # -- validation of what a client sends ----------------------------------------------------
@@ -326,10 +349,18 @@ def list_schedules(conn: Connection) -> list[Schedule]:
 
 
 def get_schedule(
-    conn: Connection, *, schedule_id: int | None = None, name: str | None = None
+    conn: Connection,
+    *,
+    schedule_id: int | None = None,
+    name: str | None = None,
+    for_update: bool = False,
 ) -> Schedule | None:
+    """By id or name; ``for_update`` locks its row (a change reads what it changes)."""
     where = schedules_t.c.id == schedule_id if name is None else schedules_t.c.name == name
-    row = conn.execute(_SELECT.where(where)).mappings().first()
+    query = _SELECT.where(where)
+    if for_update:
+        query = query.with_for_update(of=schedules_t)
+    row = conn.execute(query).mappings().first()
     return None if row is None else Schedule.from_row(row)
 
 
@@ -362,7 +393,9 @@ def update_schedule(
     """Apply a change checked by :func:`check_fields`.
 
     A new cron, time zone or a resume counts from ``now``: ticks of the paused
-    time are not missed ones, and nothing fires for them.
+    time are not missed ones, and nothing fires for them. Pausing, or leaving
+    overlap "queue", drops the ticks that were waiting. ``current`` must have
+    been read with ``for_update`` in the same transaction.
     """
     changes = dict(values)
     merged = {"cron": current.cron, "timezone": current.timezone, "enabled": current.enabled}
@@ -372,6 +405,13 @@ def update_schedule(
         changes["next_fire_at"] = _next_fire(merged, now)
     if changes:
         conn.execute(sa.update(schedules_t).where(schedules_t.c.id == current.id).values(**changes))
+    if not merged["enabled"] or changes.get("overlap", current.overlap) != "queue":
+        # Paused, or no longer queueing: the ticks that waited will not run.
+        conn.execute(
+            sa.update(ticks_t)
+            .where(ticks_t.c.schedule_id == current.id, ticks_t.c.outcome == "waiting")
+            .values(outcome="skipped")
+        )
     found = get_schedule(conn, schedule_id=current.id)
     assert found is not None
     return found
@@ -402,6 +442,7 @@ def _due(now: sa.ColumnElement[dt.datetime]) -> sa.Select[Any]:
         sa.select(schedules_t.c.id)
         .where(
             schedules_t.c.next_fire_at <= now,
+            schedules_t.c.enabled == sa.true(),
             schedules_t.c.pipeline.in_(sa.bindparam("b_names", expanding=True)),
         )
         .order_by(schedules_t.c.next_fire_at)
@@ -417,8 +458,14 @@ _LOCK_DUE = (
     .where(
         schedules_t.c.id == sa.bindparam("b_id"),
         schedules_t.c.next_fire_at <= sa.bindparam("b_now"),
+        schedules_t.c.enabled == sa.true(),
     )
     .with_for_update(skip_locked=True)
+)
+_TICK_RECORDED = sa.select(
+    sa.exists().where(
+        ticks_t.c.schedule_id == sa.bindparam("b_id"), ticks_t.c.fire_at == sa.bindparam("b_at")
+    )
 )
 _LOCK = (
     sa.select(schedules_t)
@@ -444,6 +491,10 @@ _WAITING_SCHEDULES = (
         ticks_t.c.outcome == "waiting",
         schedules_t.c.enabled == sa.true(),
         schedules_t.c.pipeline.in_(sa.bindparam("b_names", expanding=True)),
+        # Read before any write: a schedule whose run is still active has nothing to do.
+        ~sa.exists().where(
+            runs_t.c.schedule_id == ticks_t.c.schedule_id, runs_t.c.status.in_(_ACTIVE)
+        ),
     )
     .group_by(ticks_t.c.schedule_id)
     .limit(DUE_BATCH)
@@ -489,6 +540,7 @@ class Firer:
         self.clock = clock
         self.metrics = metrics
         self._reported: set[int] = set()
+        self._waiting_for_database = False
 
     def now(self, conn: Connection) -> dt.datetime:
         """The firer's clock: the one given, else the database's."""
@@ -498,26 +550,29 @@ class Firer:
         """Fire every due tick (of the pipelines loaded here) and release waiting ones."""
         names = list(self.pipelines)
         due: Sequence[int]
-        with db.read(self.engine) as conn:
-            if self.clock is None:
-                due = conn.execute(_DUE_BY_DATABASE, {"b_names": names}).scalars().all()
-            else:
-                now = {"b_now": self.now(conn), "b_names": names}
-                due = conn.execute(_DUE_BY_CLOCK, now).scalars().all()
-            waiting = conn.execute(_WAITING_SCHEDULES, {"b_names": names}).scalars().all()
         done: list[Fired] = []
-        work = [functools.partial(self._fire, s=s) for s in due]
-        work += [functools.partial(self._release, s=s) for s in waiting]
-        for act in work:
-            try:
+        try:
+            with db.read(self.engine) as conn:
+                if self.clock is None:
+                    due = conn.execute(_DUE_BY_DATABASE, {"b_names": names}).scalars().all()
+                else:
+                    now = {"b_now": self.now(conn), "b_names": names}
+                    due = conn.execute(_DUE_BY_CLOCK, now).scalars().all()
+                waiting = conn.execute(_WAITING_SCHEDULES, {"b_names": names}).scalars().all()
+            work = [functools.partial(self._fire, s=s) for s in due]
+            work += [functools.partial(self._release, s=s) for s in waiting]
+            for act in work:
                 fired = self._attempt(act.keywords["s"], act)
-            except db.DatabaseBusy as exc:
-                # SQLite's write lock held by a long phase, or the database gone:
-                # the ticks stay due and fire at a later pass.
-                log.warning("schedules wait: %s", exc)
-                break
-            if fired is not None:
-                done.append(fired)
+                if fired is not None:
+                    done.append(fired)
+        except db.DatabaseBusy as exc:
+            # SQLite's write lock held by a long phase, or the database gone: the
+            # ticks stay due and fire at a later pass. Said once per episode.
+            if not self._waiting_for_database:
+                log.warning("schedules wait for the database: %s", exc)
+            self._waiting_for_database = True
+            return done
+        self._waiting_for_database = False
         return done
 
     def _attempt(self, schedule_id: int, act: Callable[[Connection], Fired | None]) -> Fired | None:
@@ -536,6 +591,12 @@ class Firer:
         if fired is not None:
             self._count(fired)
         return fired
+
+    def _report(self, schedule_id: int, message: str) -> None:
+        """A warning about one schedule, once per process."""
+        if schedule_id not in self._reported:
+            self._reported.add(schedule_id)
+            log.warning("schedule %d: %s", schedule_id, message)
 
     def _count(self, fired: Fired) -> None:
         if self.metrics is None:
@@ -559,6 +620,15 @@ class Firer:
             fire_at = None
         changes: dict[str, Any] = {"next_fire_at": next_fire(row["cron"], row["timezone"], latest)}
         missed = due - (0 if fire_at is None else 1)
+        if (
+            fire_at is not None
+            and conn.execute(_TICK_RECORDED, {"b_id": schedule_id, "b_at": fire_at}).scalar_one()
+        ):
+            # next_fire_at pointed at a tick fired already (the database's clock
+            # stepped back, say): move past it, fire nothing twice.
+            self._report(schedule_id, f"tick {rfc3339(fire_at)} was fired already; skipped")
+            conn.execute(_update(schedule_id).values(**changes))
+            return Fired(schedule_id, None, "missed", missed=missed)
         if missed:
             log.warning(
                 "schedule %r missed %d tick(s) up to %s (catch_up %s)",

@@ -156,6 +156,8 @@ schedules = sa.Table(
     sa.CheckConstraint(_in("overlap", SCHEDULE_OVERLAPS), name="ck_schedules_overlap"),
     sa.CheckConstraint(_in("catch_up", SCHEDULE_CATCH_UPS), name="ck_schedules_catch_up"),
     sa.Index("ix_schedules_next_fire_at", "next_fire_at"),
+    # Deleting a run (retention) looks here for a schedule to unlink.
+    sa.Index("ix_schedules_last_run_id", "last_run_id"),
     # SQLite would otherwise reuse the id of the last schedule deleted.
     sqlite_autoincrement=True,
 )
@@ -180,6 +182,8 @@ schedule_ticks = sa.Table(
     sa.Index("ix_schedule_ticks_outcome", "outcome", "schedule_id", "fire_at"),
     # Deleting a run (retention) looks here for ticks to unlink.
     sa.Index("ix_schedule_ticks_run_id", "run_id"),
+    # Forgetting old ticks (pipeline.schedules.prune_ticks).
+    sa.Index("ix_schedule_ticks_fire_at", "fire_at"),
 )
 
 # Idempotency-Key of POST /runs: the key's primary key makes two requests

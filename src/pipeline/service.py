@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from pipeline import artifacts, db, retention, runs, schedules
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
+from pipeline.notify import Listener
 from pipeline.orchestrator import Executor
 from pipeline.params import validate_params
 from pipeline.pipelines import Phase, Pipeline, Registry, load_pipelines
@@ -85,6 +86,14 @@ class Service:
         )
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
+        # PostgreSQL tells an executing process of new runs at once (pipeline.notify).
+        self.listener: Listener | None = None
+        if self.execute and not db.is_sqlite(self.engine):
+            # One notification may stand for many runs (PostgreSQL folds those of
+            # one transaction): count what is claimable, as a poll does.
+            self.listener = Listener(
+                settings.database_url, lambda: self.executor.wake(self._queued_here())
+            )
 
     # -- life cycle --
 
@@ -92,8 +101,10 @@ class Service:
         """Refuse an unmigrated database, sweep interrupted runs, start queued ones."""
         db.check_schema(self.engine)
         self.sweep()
+        if self.listener is not None:
+            self.listener.start()
         if self.execute:
-            self.executor.wake()
+            self.executor.wake(self._queued_here())
         self._housekeeper = threading.Thread(
             target=self._housekeeping, name="pipeline-housekeeper", daemon=True
         )
@@ -119,6 +130,8 @@ class Service:
         if wait and running:
             log.info("waiting for %d running run(s) to finish", len(running))
         self.executor.shutdown(wait=wait)
+        if self.listener is not None:
+            self.listener.stop()
         if self._housekeeper is not None:
             self._housekeeper.join(5)
         self.engine.dispose()
@@ -153,26 +166,39 @@ class Service:
         since_sweep = 0.0
         since_prune = self.settings.prune_seconds  # prune soon after start
         while not self._stop.wait(poll):
-            try:
-                since_sweep += poll
-                since_prune += poll
-                self.fire_schedules()
-                if since_sweep >= self.settings.sweep_seconds:
-                    since_sweep = 0.0
-                    self.sweep()
-                    self.firer.report_orphans()
-                if since_prune >= self.settings.prune_seconds:
-                    since_prune = 0.0
-                    self.firer.prune()
-                    if self.settings.retention:
-                        retention.prune(
-                            self.engine,
-                            older_than=retention.parse_duration(self.settings.retention),
-                        )
-                if self.execute and self._queue_waiting():
-                    self.executor.wake()
-            except Exception:
-                log.exception("housekeeping failed; will try again")
+            since_sweep += poll
+            since_prune += poll
+            # Each step on its own: one that fails (a database outage) neither
+            # skips the others nor hides them.
+            self._step("firing schedules", self.fire_schedules)
+            if since_sweep >= self.settings.sweep_seconds:
+                since_sweep = 0.0
+                self._step("the sweep", self.sweep)
+                self._step("reporting schedules", self.firer.report_orphans)
+            if since_prune >= self.settings.prune_seconds:
+                since_prune = 0.0
+                self._step("pruning ticks", self.firer.prune)
+                if self.settings.retention:
+                    self._step("retention", self._prune_runs)
+            if self.execute:
+                self._step("the queue check", self._wake_for_queued)
+
+    def _step(self, what: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except db.DatabaseBusy as exc:  # busy or gone: one line, the next pass tries again
+            log.warning("housekeeping: %s waits: %s", what, exc)
+        except Exception:
+            log.exception("housekeeping: %s failed; will try again", what)
+
+    def _prune_runs(self) -> None:
+        assert self.settings.retention is not None
+        retention.prune(self.engine, older_than=retention.parse_duration(self.settings.retention))
+
+    def _wake_for_queued(self) -> None:
+        waiting = self._queued_here()
+        if waiting:
+            self.executor.wake(waiting)
 
     def fire_schedules(self) -> list[schedules.Fired]:
         """Fire the due ticks; the runs they create start here when this process executes."""
@@ -181,18 +207,23 @@ class Service:
             self.executor.wake()
         return fired
 
-    def _queue_waiting(self) -> bool:
-        query = (
+    def _queued_here(self) -> int:
+        """How many queued runs this process could start now (at most its concurrency).
+
+        One indexed query: the claim order's index, read no further than needed.
+        """
+        first = (
             sa.select(analysis_runs.c.id)
             .where(
                 analysis_runs.c.status == RunStatus.QUEUED.value,
                 analysis_runs.c.owner.is_(None),
                 analysis_runs.c.pipeline.in_(list(self.pipelines)),
             )
-            .limit(1)
+            .limit(self.executor.max_concurrent)
+            .subquery()
         )
         with db.read(self.engine) as conn:
-            return conn.execute(query).first() is not None
+            return int(conn.execute(sa.select(sa.func.count()).select_from(first)).scalar_one())
 
     # -- what requests do (each one short transaction) --
 
@@ -369,7 +400,7 @@ class Service:
     def update_schedule(self, schedule_id: int, payload: Mapping[str, Any]) -> Schedule | None:
         """None if there is no such schedule; raises as :meth:`create_schedule` does."""
         with db.write(self.engine) as conn:
-            current = schedules.get_schedule(conn, schedule_id=schedule_id)
+            current = schedules.get_schedule(conn, schedule_id=schedule_id, for_update=True)
             if current is None:
                 return None
             values = schedules.check_fields(payload, self.pipelines, current=current)

@@ -1,0 +1,97 @@
+"""Wake-ups on PostgreSQL: ``LISTEN`` for runs that became claimable.
+
+Migration 0006's trigger sends ``NOTIFY pipeline_runs_queued`` whenever a run
+is created, resumed or requeued (whoever did it); a :class:`Listener` thread
+in each executing server and worker holds one connection that listens, and
+wakes the executor at once. The poll (``PIPELINE_POLL_SECONDS``) stays the
+fallback: a lost listener connection is reconnected, and until then nothing
+is missed but a second or so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+
+import psycopg
+import sqlalchemy as sa
+
+log = logging.getLogger("pipeline.notify")
+
+CHANNEL = "pipeline_runs_queued"
+# The listening thread waits on its connection's socket and on a pipe that
+# stop() writes to, so it ends (and closes its connection) at once.
+WAIT_SECONDS = 5.0
+RECONNECT_SECONDS = (0.5, 1.0, 2.0, 5.0)
+APPLICATION_NAME = "pipeline-listener"
+
+
+def conninfo(url: str) -> str:
+    """psycopg's connection string for a SQLAlchemy PostgreSQL URL."""
+    parsed = sa.make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+class Listener:
+    """A daemon thread that calls ``on_queued`` when notified (and after a reconnect).
+
+    Notifications that arrive together wake the executor once: it counts
+    what is claimable anyway.
+    """
+
+    def __init__(self, url: str, on_queued: Callable[[], None]) -> None:
+        self._conninfo = conninfo(url)
+        self._on_queued = on_queued
+        self._stop = threading.Event()
+        self._stop_read, self._stop_write = os.pipe()
+        self._thread = threading.Thread(target=self._loop, name="pipeline-listener", daemon=True)
+        self.listening = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening: the thread closes its connection and ends now."""
+        self._stop.set()
+        os.write(self._stop_write, b"x")
+        if self._thread.is_alive():
+            self._thread.join(10)
+        os.close(self._stop_read)
+        os.close(self._stop_write)
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, application_name=APPLICATION_NAME
+                ) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.listening.set()
+                    if failures:
+                        log.info("listening for queued runs again")
+                        self._wake()  # runs queued while we were away
+                    failures = 0
+                    while not self._stop.is_set():
+                        # What arrived (or was read along with LISTEN's answer), then wait.
+                        if any(True for _ in conn.notifies(timeout=0)):
+                            self._wake()
+                        select.select([conn.fileno(), self._stop_read], [], [], WAIT_SECONDS)
+            except psycopg.Error as exc:
+                self.listening.clear()
+                if self._stop.is_set():
+                    return
+                delay = RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)]
+                if failures == 0:
+                    log.warning("listening for queued runs failed (%s); polling meanwhile", exc)
+                failures += 1
+                self._stop.wait(delay)
+
+    def _wake(self) -> None:
+        try:
+            self._on_queued()
+        except Exception:
+            log.exception("waking the executor failed")
