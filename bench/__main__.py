@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy
 
-from bench import orchestration, service_load
+from bench import fanout, orchestration, service_load
 from bench.common import ROOT, Row, Workdir, format_table
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
@@ -34,6 +34,7 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 BENCHMARKS: dict[str, Callable[[Workdir, bool], list[Row]]] = {
     **orchestration.BENCHMARKS,
     **service_load.BENCHMARKS,
+    **fanout.BENCHMARKS,
 }
 
 

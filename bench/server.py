@@ -11,6 +11,8 @@ benchmark:
   the same response model, in the same thread pool, but without the database:
   the difference to ``GET /runs/{id}`` is the cost of reading the run.
 * ``GET /bench/trivial``: ``{"status": "ok"}``, the HTTP stack alone.
+* ``GET /bench/statements``: how many statements the API's engine has sent,
+  and how many ``GET /events`` subscribers there are (the fan-out benchmark).
 
 uvicorn's access log is off: one log line per request would add the same
 cost to every endpoint and shrink the ratios.
@@ -24,6 +26,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
 import uvicorn
 
 from pipeline.api import RunOut, create_app
@@ -74,6 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_format, logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     app = create_app(settings)
+    # Statements the API's own engine sent (the watcher's looks, requests): the
+    # fan-out benchmark reads it; runners have engines of their own.
+    statements = [0]
+
+    def count(*_: Any) -> None:
+        statements[0] += 1
+
+    sa.event.listen(app.state.service.engine, "before_cursor_execute", count)
+
+    @app.get("/bench/statements")
+    def sent() -> dict[str, int]:
+        return {"statements": statements[0], "subscribers": app.state.watcher.subscribers}
 
     @app.get("/bench/nodb/{run_id}", response_model=RunOut)
     def nodb(run_id: int) -> dict[str, Any]:

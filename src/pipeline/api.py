@@ -53,6 +53,7 @@ from pipeline.runs import Outcome, PhasesChanged, Run, RunStatus
 from pipeline.schedules import Schedule
 from pipeline.security import StreamSlots
 from pipeline.service import NotFound, QueueFull, Service
+from pipeline.watch import Subscription, Watcher
 
 log = logging.getLogger("pipeline.api")
 
@@ -458,11 +459,14 @@ class _SlotStream(EventSourceResponse):
             self._slots.release(self._client)
 
 
-def create_router(service: Service, *, stream_slots: StreamSlots | None = None) -> APIRouter:
+def create_router(
+    service: Service, *, stream_slots: StreamSlots | None = None, watcher: Watcher | None = None
+) -> APIRouter:
     """The runs API, bound to one service (database, registry, executor).
 
     ``stream_slots`` counts its open event streams (by default its own, with
-    the caps of ``service.settings``).
+    the caps of ``service.settings``); ``watcher`` feeds ``GET /events`` (by
+    default its own, see :func:`watcher_for`).
     """
     settings = service.settings
     slots = stream_slots or StreamSlots(
@@ -672,8 +676,60 @@ def create_router(service: Service, *, stream_slots: StreamSlots | None = None) 
             return security.busy(full, status=503, retry_after=STREAMS_FULL_RETRY_AFTER_SECONDS)
         return _SlotStream(_run_events(service, first, request), slots=slots, client=client)
 
+    watcher = watcher or watcher_for(service)
+
+    @router.get(
+        "/events",
+        response_class=EventSourceResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "run events"},
+            503: {"model": ErrorOut, "description": "too many open streams, or database busy"},
+        },
+    )
+    async def all_events(
+        request: Request,
+        pipeline: Annotated[
+            str | None,
+            Query(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="only runs of this pipeline"),
+        ] = None,
+    ) -> Response:
+        """Server-sent events: a ``run`` event whenever any run is created or changes.
+
+        What a list view follows instead of one stream per run: it starts with
+        the runs queued or running now, then every change. One watcher per
+        process reads the database for all its subscribers.
+        """
+        client = security.client_key(request)
+        full = slots.acquire(client)
+        if full is not None:
+            return security.busy(full, status=503, retry_after=STREAMS_FULL_RETRY_AFTER_SECONDS)
+        try:
+            sub = await watcher.subscribe(pipeline)
+        except BaseException:
+            slots.release(client)
+            raise
+        return _SlotStream(
+            _watched_events(service, watcher, sub, request), slots=slots, client=client
+        )
+
     _add_schedule_routes(router, service)
     return router
+
+
+async def _watched_events(
+    service: Service, watcher: Watcher, sub: Subscription, request: Request
+) -> AsyncIterator[ServerSentEvent]:
+    try:
+        while not sub.dropped:
+            try:
+                data = await asyncio.wait_for(sub.queue.get(), timeout=EVENTS_POLL_SECONDS)
+            except TimeoutError:
+                if service.stopping or await request.is_disconnected():
+                    return
+                continue
+            yield ServerSentEvent(data=data, event="run")
+    finally:
+        watcher.unsubscribe(sub)
 
 
 ScheduleId = Annotated[int, Path(ge=1, le=MAX_ID, description="the schedule's id")]
@@ -755,6 +811,11 @@ def _add_schedule_routes(router: APIRouter, service: Service) -> None:
         if not service.delete_schedule(schedule_id):
             raise HTTPException(404, f"no schedule with id {schedule_id}")
         return Response(status_code=204)
+
+
+def watcher_for(service: Service) -> Watcher:
+    """The one watcher of every run that a process's ``GET /events`` streams share."""
+    return Watcher(service.watched_runs, _event_data, interval=EVENTS_POLL_SECONDS)
 
 
 def _event_data(run: Run) -> str:
@@ -839,7 +900,8 @@ def create_app(
     )
     app.state.service = service
     app.state.stream_slots = stream_slots
-    app.include_router(create_router(service, stream_slots=stream_slots))
+    app.state.watcher = watcher_for(service)
+    app.include_router(create_router(service, stream_slots=stream_slots, watcher=app.state.watcher))
     # The last added is the outermost: even a refused Host gets the headers.
     app.add_middleware(
         security.AllowedHosts, hosts=security.allowed_hosts(settings.allowed_hosts, bound_host)

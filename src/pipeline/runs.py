@@ -240,6 +240,33 @@ def list_runs(
     return page, (page[-1].id if more and page else None)
 
 
+_LIVE = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
+_WATCHED = sa.select(*_RUN_COLUMNS).where(
+    sa.or_(
+        runs_t.c.status.in_(_LIVE),
+        runs_t.c.id > sa.bindparam("b_after"),
+        runs_t.c.id.in_(sa.bindparam("b_was_live", expanding=True)),
+    )
+)
+_NEWEST_ID = sa.select(sa.func.max(runs_t.c.id))
+
+
+def watched_runs(
+    conn: Connection, *, after_id: int | None, was_live: Sequence[int]
+) -> tuple[list[Run], int]:
+    """What a watcher of every run reads at each look, and the newest id there is.
+
+    A run can change only while it is queued or running, when it is created
+    (an id above ``after_id``) or when it leaves those states (one of
+    ``was_live``): those runs, whatever their number of viewers. With
+    ``after_id`` None, only the runs that can change now.
+    """
+    newest = conn.execute(_NEWEST_ID).scalar_one() or 0
+    after = newest if after_id is None else after_id
+    rows = list(conn.execute(_WATCHED, {"b_after": after, "b_was_live": list(was_live)}).mappings())
+    return _with_details(conn, rows), max(newest, after)
+
+
 def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
     ids = [row["id"] for row in rows]
     if not ids:

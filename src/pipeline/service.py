@@ -325,6 +325,15 @@ class Service:
             )
         return [run.with_live_progress(live.get(run.id)) for run in page], cursor
 
+    def watched_runs(self, after_id: int | None, was_live: Sequence[int]) -> tuple[list[Run], int]:
+        """One look of the shared watcher (``pipeline.watch``): see :func:`runs.watched_runs`."""
+        live = {
+            run_id: self.executor.live_progress(run_id) for run_id in self.executor.active_runs()
+        }
+        with db.read(self.engine) as conn:
+            found, newest = runs.watched_runs(conn, after_id=after_id, was_live=was_live)
+        return [run.with_live_progress(live.get(run.id)) for run in found], newest
+
     def cancel(self, run_id: int) -> tuple[Outcome, Run | None]:
         # A phase running here learns of it before anything that could wait
         # (SQLite's write lock, which the phase itself may hold); a running

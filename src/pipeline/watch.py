@@ -1,0 +1,111 @@
+"""One watcher of every run per process, for ``GET /events``: 1 viewer or 1,000 cost the same.
+
+While anyone listens, one task looks at the runs that can change (queued or
+running, created since, or just ended: :func:`pipeline.runs.watched_runs`)
+every ``interval`` seconds, a handful of indexed statements whatever the
+number of subscribers, and hands each change, as its event data, to every
+subscriber's queue. A subscriber that cannot keep up (its queue full) is
+dropped, and its stream ends: the client reconnects and reads the list again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio.to_thread
+
+from pipeline import db
+from pipeline.runs import Run
+
+log = logging.getLogger("pipeline.watch")
+
+Look = Callable[[int | None, Sequence[int]], tuple[list[Run], int]]
+Encode = Callable[[Run], str]
+
+# What one subscriber may have waiting before it counts as gone.
+QUEUE_SIZE = 1000
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """One open stream: the changes it has not sent yet, and its pipeline filter."""
+
+    pipeline: str | None
+    queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    dropped: bool = False
+
+    def offer(self, run: Run, data: str) -> None:
+        if self.dropped or (self.pipeline is not None and run.pipeline != self.pipeline):
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            self.dropped = True
+
+
+class Watcher:
+    """Looks at the runs while it has subscribers; stops when the last one leaves."""
+
+    def __init__(self, look: Look, encode: Encode, *, interval: float) -> None:
+        self._look = look
+        self._encode = encode
+        self._interval = interval
+        self._subscribers: set[Subscription] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._sent: dict[int, str] = {}  # what was last said of each run that can change
+        self._current: dict[int, Run] = {}
+        self._newest: int | None = None
+        self._starting = asyncio.Lock()
+        self.looks = 0
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    async def subscribe(self, pipeline: str | None) -> Subscription:
+        """A new subscription, which first receives the runs that can change now."""
+        async with self._starting:
+            if self._task is None or self._task.done():
+                await self._look_once()  # the current state, before the first change
+                self._task = asyncio.get_running_loop().create_task(self._loop())
+        sub = Subscription(pipeline)
+        for run_id, data in self._sent.items():
+            sub.offer(self._current[run_id], data)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+
+    async def _loop(self) -> None:
+        while self._subscribers:
+            await asyncio.sleep(self._interval)
+            try:
+                await self._look_once()
+            except db.DatabaseBusy as exc:  # busy or gone: say nothing new, look again
+                log.debug("the watcher waits: %s", exc)
+            except Exception:
+                log.exception("the watcher failed to look; it looks again")
+        self._task = None
+        self._sent.clear()
+        self._current.clear()
+        self._newest = None
+
+    async def _look_once(self) -> None:
+        found, newest = await anyio.to_thread.run_sync(self._look, self._newest, list(self._sent))
+        self.looks += 1
+        self._newest = newest
+        for run in found:
+            data = self._encode(run)
+            if self._sent.get(run.id) != data:
+                for sub in list(self._subscribers):
+                    sub.offer(run, data)
+            if run.status.terminal:  # said; it changes again only by coming back to live
+                self._sent.pop(run.id, None)
+                self._current.pop(run.id, None)
+            else:
+                self._sent[run.id] = data
+                self._current[run.id] = run

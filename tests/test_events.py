@@ -1,0 +1,227 @@
+"""``GET /events``: every run's changes in one stream, fed by one watcher per process.
+
+Real uvicorn in this process, real streaming clients (each reads its stream in
+a thread of its own), SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import itertools
+import json
+import queue
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx2
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from pipeline import Pipeline
+from pipeline.api import create_app
+from pipeline.config import Settings
+from pipeline.orchestrator import RunContext
+
+from .conftest import wait_for
+from .live_server import LiveServer
+
+GO = threading.Event()
+
+
+def _step(conn: Connection, ctx: RunContext) -> None:
+    ctx.progress(1, 2)
+    if ctx.params.get("hold"):
+        GO.wait(20)
+    ctx.progress(2, 2)
+
+
+ALPHA = Pipeline("alpha", [(1, "First", _step), (2, "Second", _step)])
+BETA = Pipeline("beta", [(1, "Only", _step)])
+
+
+class Listener:
+    """One open ``GET /events`` stream; its events (decoded Run JSON) arrive in ``events``.
+
+    Read with ``http.client`` in a thread, so that ``close()`` can hang up at
+    once (a shutdown of the socket wakes the blocked read), as a browser does.
+    """
+
+    def __init__(self, url: str, query: str = "", headers: dict[str, str] | None = None) -> None:
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self.opened = threading.Event()
+        self.status: int | None = None
+        self.ended: Exception | None = None
+        parsed = urllib.parse.urlsplit(url)
+        self._conn = http.client.HTTPConnection(parsed.hostname or "", parsed.port, timeout=30)
+        self._conn.request("GET", f"/events{query}", headers=headers or {})
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        assert self.opened.wait(15)
+
+    def _read(self) -> None:
+        try:
+            response = self._conn.getresponse()
+            self.status = response.status
+            self.opened.set()
+            while line := response.readline():
+                if line.startswith(b"data:"):
+                    self.events.put(json.loads(line[5:]))
+        except Exception as exc:  # hung up by close(): http.client fails in several ways
+            self.ended = exc
+        finally:
+            self.opened.set()
+
+    def until(self, predicate: Any, timeout: float = 15) -> dict[str, Any]:
+        """The first event (from now) for which ``predicate(run)`` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                event = self.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.seen.append(event)
+            if predicate(event):
+                return event
+        raise AssertionError(f"no such event within {timeout}s; saw {self.seen[-5:]}")
+
+    def close(self) -> None:
+        if self._conn.sock is not None:
+            with contextlib.suppress(OSError):
+                self._conn.sock.shutdown(socket.SHUT_RDWR)
+        self._conn.close()
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+
+
+@contextmanager
+def serving(db_url: str, **options: Any) -> Iterator[tuple[LiveServer, Any]]:
+    settings = Settings(database_url=db_url, api_token=None, **options)
+    app = create_app(settings, registry=[ALPHA, BETA])
+    GO.clear()
+    with LiveServer(app) as server:
+        try:
+            yield server, app
+        finally:
+            GO.set()
+
+
+def post(server: LiveServer, pipeline: str, **params: Any) -> dict[str, Any]:
+    response = httpx2.post(
+        f"{server.url}/runs", json={"pipeline": pipeline, "params": params}, timeout=10
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_a_list_view_sees_every_run_created_and_every_change(db_url):
+    with serving(db_url) as (server, _):
+        listener = Listener(server.url)
+        try:
+            run = post(server, "alpha", hold=True)
+            created = listener.until(lambda r: r["id"] == run["id"])
+            assert created["pipeline"] == "alpha"
+            assert created["status"] in ("queued", "running")
+            if created["status"] == "queued":
+                listener.until(lambda r: r["id"] == run["id"] and r["status"] == "running")
+            GO.set()
+            done = listener.until(lambda r: r["id"] == run["id"] and r["status"] == "completed")
+            assert done["percent"] == 100.0
+            assert done == httpx2.get(f"{server.url}/runs/{run['id']}").json()
+            # Each state is sent once: no two identical events in a row for the run.
+            mine = [json.dumps(e, sort_keys=True) for e in listener.seen if e["id"] == run["id"]]
+            assert all(a != b for a, b in itertools.pairwise(mine))
+        finally:
+            listener.close()
+
+
+def test_a_new_subscriber_first_gets_the_runs_that_can_change(db_url):
+    with serving(db_url) as (server, _):
+        held = post(server, "alpha", hold=True)
+        wait_for(
+            lambda: httpx2.get(f"{server.url}/runs/{held['id']}").json()["status"] == "running"
+        )
+        listener = Listener(server.url)
+        try:
+            first = listener.until(lambda r: True, timeout=5)
+            assert first["id"] == held["id"]
+            assert first["status"] == "running"
+        finally:
+            listener.close()
+
+
+def test_the_pipeline_filter_and_a_bad_filter(db_url):
+    with serving(db_url) as (server, _):
+        beta_only = Listener(server.url, "?pipeline=beta")
+        everything = Listener(server.url)
+        try:
+            a = post(server, "alpha")
+            b = post(server, "beta")
+            everything.until(lambda r: r["id"] == a["id"] and r["status"] == "completed")
+            everything.until(lambda r: r["id"] == b["id"] and r["status"] == "completed")
+            beta_only.until(lambda r: r["id"] == b["id"] and r["status"] == "completed")
+            assert {e["pipeline"] for e in beta_only.seen} == {"beta"}
+        finally:
+            beta_only.close()
+            everything.close()
+        bad = httpx2.get(f"{server.url}/events?pipeline=Not A Slug", timeout=10)
+        assert bad.status_code == 422
+
+
+def test_one_watcher_reads_for_every_subscriber(db_url):
+    """Thirty subscribers cost the database what one does: one look per interval."""
+    with serving(db_url, max_event_streams=100, max_streams_per_client=100) as (server, app):
+        statements = []
+        engine = app.state.service.engine
+        sa.event.listen(engine, "before_cursor_execute", lambda *a: statements.append(1))
+        listeners = [Listener(server.url) for _ in range(30)]
+        try:
+            run = post(server, "alpha")
+            for listener in listeners:
+                listener.until(lambda r: r["id"] == run["id"] and r["status"] == "completed")
+            watcher = app.state.watcher
+            assert watcher.subscribers == 30
+            looks_before, statements_before = watcher.looks, len(statements)
+            wait_for(lambda: watcher.looks >= looks_before + 4, timeout=10)
+            looks = watcher.looks - looks_before
+            per_look = (len(statements) - statements_before) / looks
+            # One look is a few statements (the runs, their phases, warnings, results,
+            # artifacts), whatever the number of subscribers.
+            assert per_look <= 8, per_look
+        finally:
+            for listener in listeners:
+                listener.close()
+        wait_for(lambda: app.state.watcher.subscribers == 0, timeout=10)
+
+
+def test_events_share_the_stream_caps(db_url):
+    with serving(db_url, max_event_streams=2) as (server, app):
+        first, second = Listener(server.url), Listener(server.url)
+        try:
+            refused = httpx2.get(f"{server.url}/events", timeout=10)
+            assert refused.status_code == 503
+            assert int(refused.headers["retry-after"]) > 0
+        finally:
+            first.close()
+            second.close()
+        wait_for(lambda: app.state.stream_slots.open == 0, timeout=10)
+
+
+def test_events_need_the_token(db_url):
+    token = "s3cret-token"  # noqa: S105 - a test's own token
+    settings = Settings(database_url=db_url, api_token=token)
+    with LiveServer(create_app(settings, registry=[ALPHA])) as server:
+        assert httpx2.get(f"{server.url}/events", timeout=10).status_code == 401
+        headers = {"Authorization": f"Bearer {token}"}
+        with (
+            httpx2.Client(base_url=server.url, timeout=10) as client,
+            client.stream("GET", "/events", headers=headers) as response,
+        ):
+            assert response.status_code == 200
