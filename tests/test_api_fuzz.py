@@ -49,7 +49,9 @@ def make_app(database_url: str) -> FastAPI:
 
 
 # The OpenAPI document needs no database and no lifespan: only the routes.
-schema = schemathesis.openapi.from_dict(make_app("sqlite://").openapi())
+# GET /events never ends by design (a list view follows it for as long as it
+# is open): its filter's 422 and its events are tested in test_events.py.
+schema = schemathesis.openapi.from_dict(make_app("sqlite://").openapi()).exclude(path="/events")
 
 
 class Target:
