@@ -23,6 +23,9 @@ def noop_registry(n: int) -> list[Phase]:
 
 
 NOOP5 = noop_registry(5)
+# Phase-count independence (bench/watching.py): `pipeline run --wait` of each.
+NOOP100 = noop_registry(100)
+NOOP10000 = noop_registry(10_000)
 
 _INSERT = text("INSERT INTO bench_rows (run_id, phase, n, value) VALUES (:r, :p, :n, :v)")
 

@@ -218,6 +218,16 @@ def get_run(conn: Connection, *, run_id: int) -> Run | None:
     return _with_details(conn, [row])[0]
 
 
+def get_run_row(conn: Connection, *, run_id: int) -> Run | None:
+    """The run's own row, without its phases, warnings or artifacts: O(1) whatever its size.
+
+    What a progress display needs (status, phase, counters, percent); a
+    watcher reads this often and the whole run once, at the end.
+    """
+    row = conn.execute(_GET_RUN, {"b_run": run_id}).mappings().first()
+    return None if row is None else Run.from_row(row)
+
+
 def list_runs(
     conn: Connection,
     *,
