@@ -22,16 +22,16 @@ from pathlib import Path
 
 import httpx2
 import pytest
-import sqlalchemy as sa
 from bench.common import free_port, spawn_until_healthy, tail_of_log
 from sqlalchemy.engine import Engine
 
 from pipeline import db
-from pipeline.schema import schedule_ticks
 
 from .clocked import set_clock
 from .conftest import POSTGRES_URL, is_sqlite_url, wait_for
 from .server import ServerProcess
+from .test_schedules import fired_ticks as ticks_of
+from .test_schedules import runs_of as scheduled_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 START = dt.datetime(2030, 1, 1, 0, 0, 30, tzinfo=dt.UTC)
@@ -103,27 +103,8 @@ def firers(db_url: str, tmp_path: Path) -> Iterator[Firers]:
         group.stop()
 
 
-def ticks_of(engine: Engine, schedule_id: int) -> list[tuple[dt.datetime, str, int | None]]:
-    query = (
-        sa.select(schedule_ticks.c.fire_at, schedule_ticks.c.outcome, schedule_ticks.c.run_id)
-        .where(schedule_ticks.c.schedule_id == schedule_id)
-        .order_by(schedule_ticks.c.fire_at)
-    )
-    with db.read(engine) as conn:
-        return [(row[0], row[1], row[2]) for row in conn.execute(query)]
-
-
 def has_ticks(engine: Engine, schedule_id: int, count: int) -> bool:
     return len(ticks_of(engine, schedule_id)) >= count
-
-
-def scheduled_runs(engine: Engine, schedule_id: int) -> list[tuple[int, str]]:
-    with db.read(engine) as conn:
-        rows = conn.execute(
-            sa.text("SELECT id, status FROM analysis_runs WHERE schedule_id = :s ORDER BY id"),
-            {"s": schedule_id},
-        )
-        return [(row[0], row[1]) for row in rows]
 
 
 def test_every_tick_fires_exactly_once_across_processes(db_url, firers):
