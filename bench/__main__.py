@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy
 
-from bench import fanout, orchestration, service_load, watching
+from bench import fanout, orchestration, postgres, service_load, watching
 from bench.common import ROOT, Row, Workdir, format_table
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[Workdir, bool], list[Row]]] = {
     **service_load.BENCHMARKS,
     **fanout.BENCHMARKS,
     **watching.BENCHMARKS,
+    **postgres.BENCHMARKS,
 }
 
 

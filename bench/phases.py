@@ -40,6 +40,16 @@ def writes(conn: Connection, ctx: RunContext) -> None:
 
 WRITE5 = [(i, f"Write {i}", writes) for i in range(1, 6)]
 
+_LEDGER = text("INSERT INTO bench_ledger (run_id, phase) VALUES (:r, :p)")
+
+
+def one_insert(conn: Connection, ctx: RunContext) -> None:
+    """One row: what bench.postgres's Procrastinate job does in each of its 5 transactions."""
+    conn.execute(_LEDGER, {"r": ctx.run_id, "p": ctx.phase_num})
+
+
+INSERT5 = [(i, f"Insert {i}", one_insert) for i in range(1, 6)]
+
 # -- runs that write progress while the API is under load ----------------------------
 
 PROGRESS_STEPS = 20
