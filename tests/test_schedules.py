@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline import Pipeline, db, schedules
+from pipeline import Pipeline, db, retention, schedules
 from pipeline.api import create_app
 from pipeline.config import Settings
 from pipeline.orchestrator import RunContext
@@ -476,6 +476,27 @@ def test_deleting_a_schedule_keeps_its_runs(db_url, clock):
         # A new schedule never takes the old one's id.
         again = svc.create_schedule({"name": "gone", "pipeline": "quick", "cron": "* * * * *"})
         assert again.id != made.id
+
+
+def test_retention_deletes_a_scheduled_run_and_the_schedule_stays(db_url, clock):
+    with service(db_url, clock) as svc:
+        made = svc.create_schedule({"name": "kept", "pipeline": "quick", "cron": "* * * * *"})
+        clock.now = minute(1)
+        (fired,) = svc.fire_schedules()
+        with db.write(svc.engine) as conn:  # as if it completed long ago
+            conn.execute(
+                sa.text(
+                    "UPDATE analysis_runs SET status = 'completed', completed_at = :at "
+                    "WHERE id = :i"
+                ),
+                {"at": at("2020-01-01T00:00:00"), "i": fired.run_id},
+            )
+        assert retention.prune(svc.engine, older_than=dt.timedelta(days=1)) == 1
+        kept = svc.get_schedule(made.id)
+        assert kept is not None
+        assert kept.last_run_id is None
+        assert kept.last_fired_at == at("2030-01-01T00:01:00")
+        assert fired_ticks(svc.engine, made.id) == [(at("2030-01-01T00:01:00"), "fired", None)]
 
 
 def test_changing_the_cron_counts_from_now(db_url, clock):
