@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
@@ -141,6 +143,15 @@ def run_status(server: LiveServer, run_id: int, token: str | None = None) -> str
         return status
 
 
+PER_RUN_STREAM = re.compile(r"^/runs/[^/]+/events$")
+
+
+def _status(request: Request) -> int | None:
+    """The status a request was answered with; None if it got no answer (aborted)."""
+    response = request.response()
+    return None if response is None else response.status
+
+
 def newest_run_id(page: Page) -> int:
     row = page.locator('[data-testid^="run-row-"]').first
     expect(row).to_be_visible()
@@ -219,7 +230,7 @@ def test_cancel_a_slow_run_from_the_page(start_server, page):
     expect(page.get_by_test_id(f"resume-{run_id}")).to_be_visible()
     assert run_status(server, run_id) == "cancelled"
 
-    # Resume brings it back to life on the page (a new event stream), and it can be cancelled again.
+    # Resume brings it back to life on the page (the stream sends it again); cancel it again.
     page.get_by_test_id(f"resume-{run_id}").click()
     expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("running")
     page.get_by_test_id(f"cancel-{run_id}").click()
@@ -327,9 +338,206 @@ def test_token_is_asked_for_once_then_sent_everywhere(start_server, page):
     expect(page.get_by_test_id(f"run-status-{started}")).to_have_text("completed")
     expect(form).to_be_hidden()
 
-    streams = [r for r in requests if r.url.endswith(f"/runs/{started}/events")]
-    assert streams, "the page never opened the run's event stream"
-    assert all(r.all_headers().get("authorization") == f"Bearer {TOKEN}" for r in streams)
+    # The one event stream: refused (401) until the token is known, then sent with it.
+    streams = [r for r in requests if urlsplit(r.url).path == "/events"]
+    accepted = [r for r in streams if _status(r) == 200]
+    assert accepted, "the page never opened the event stream"
+    assert all(r.all_headers().get("authorization") == f"Bearer {TOKEN}" for r in accepted)
+    assert all(_status(r) == 401 for r in streams if r not in accepted)
+    assert not [r.url for r in requests if PER_RUN_STREAM.search(urlsplit(r.url).path)]
+
+
+# -- one event stream for the whole page ----------------------------------------------
+
+
+def _record_percents(page: Page) -> None:
+    """Every data-percent the page gives a run's bar, kept in ``window.__percents[id]``."""
+    page.evaluate(
+        """() => {
+            const seen = (window.__percents = {});
+            const note = (bar) => {
+                const match = /^run-progress-(\\d+)$/.exec(bar.getAttribute("data-testid") || "");
+                if (match && bar.dataset.percent !== undefined) {
+                    (seen[match[1]] = seen[match[1]] || []).push(Number(bar.dataset.percent));
+                }
+            };
+            const list = document.querySelector('[data-testid="run-list"]');
+            new MutationObserver((changes) => {
+                for (const change of changes) {
+                    if (change.type === "attributes") note(change.target);
+                    for (const node of change.addedNodes || []) {
+                        if (node.querySelectorAll) node.querySelectorAll(".bar").forEach(note);
+                    }
+                }
+            }).observe(list, {
+                subtree: true, childList: true, attributes: true, attributeFilter: ["data-percent"],
+            });
+        }"""
+    )
+
+
+def _paths(requests: list[Request], method: str = "GET") -> list[str]:
+    return [urlsplit(r.url).path for r in requests if r.method == method]
+
+
+def test_one_event_stream_follows_every_run(start_server, page):
+    """Runs started from the page and elsewhere move and complete live over one GET /events.
+
+    No per-run stream is opened, and the list is read only at the start and
+    when the stream opens: every row's progress, status and warnings, the new
+    run at the top and the selected run's details come from the one stream.
+    """
+    server = start_server(STEPPING)
+    requests: list[Request] = []
+    page.on("request", lambda request: requests.append(request))
+    page.goto(server.url + "/")
+    page.evaluate("window.__marker = 'no reload'")
+    expect(page.get_by_test_id("runs-empty")).to_be_visible()
+    expect(page.get_by_test_id("connection")).to_have_attribute("data-state", "live")
+    _record_percents(page)
+    rows = page.locator('[data-testid^="run-row-"]')
+
+    page.get_by_test_id("params-input").fill('{"step_seconds": 0.05}')
+    for count in (1, 2, 3):
+        page.get_by_test_id("start-button").click()
+        expect(rows).to_have_count(count)
+    started = [int(rows.nth(i).get_attribute("data-run-id") or 0) for i in range(3)]
+    assert started == sorted(started, reverse=True)
+    # One started elsewhere shows up at the top, by the stream alone.
+    with api(server) as client:
+        elsewhere = client.post("/runs", json={"params": {"step_seconds": 0.05}}).json()["id"]
+    expect(rows).to_have_count(4)
+    expect(rows.first).to_have_attribute("data-run-id", str(elsewhere))
+
+    for run_id in [*started, elsewhere]:
+        expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("completed")
+        expect(page.get_by_test_id(f"run-progress-{run_id}")).to_have_attribute(
+            "data-percent", "100"
+        )
+        expect(page.get_by_test_id(f"run-percent-{run_id}")).to_have_text("100%")
+        expect(page.get_by_test_id(f"run-warnings-{run_id}")).to_have_text("1 warning")
+    percents = page.evaluate("window.__percents")
+    for run_id in [*started, elsewhere]:
+        moving = [p for p in percents.get(str(run_id), []) if 0 < p < 100]
+        assert moving, f"run {run_id} never showed progress between 0 and 100: {percents}"
+    # The last run started from the page is selected: its details followed it too.
+    details = page.get_by_test_id("run-details")
+    expect(details.get_by_test_id("details-title")).to_have_text(f"Run #{started[0]}")
+    expect(details.get_by_test_id("details-status")).to_have_text("completed")
+    for num in (1, 2, 3):
+        expect(details.get_by_test_id(f"phase-{num}")).to_have_attribute("data-status", "completed")
+    assert page.evaluate("window.__marker") == "no reload"
+
+    paths = _paths(requests)
+    assert [p for p in paths if PER_RUN_STREAM.search(p)] == []
+    assert paths.count("/events") == 1, paths
+    assert paths.count("/runs") <= 2, paths  # at the start, and once the stream was open
+    expect(page.get_by_test_id("connection")).to_have_attribute("data-state", "live")
+
+
+def test_the_stream_comes_back_after_a_refusal_or_an_end_and_the_list_catches_up(
+    start_server, page
+):
+    """A 503 is retried after its Retry-After; an ended stream is opened again, the list re-read.
+
+    The first GET /events is refused (too many streams), the second accepted
+    but ended at once (a server stopping). A run that is created and ends
+    before the third one opens is never sent by any stream: the list read
+    when it opens shows it. Live updates then come from that third stream.
+    """
+    server = start_server(STEPPING)
+    requests: list[tuple[float, Request]] = []
+    page.on("request", lambda request: requests.append((time.monotonic(), request)))
+    answered: list[float] = []
+    missed: list[int] = []
+
+    def events(route: Route) -> None:
+        answered.append(time.monotonic())
+        if len(answered) == 1:
+            route.fulfill(
+                status=503,
+                headers={"Retry-After": "1"},
+                content_type="application/json",
+                body='{"detail": "too many open event streams; retry later"}',
+            )
+        elif len(answered) == 2:
+            route.fulfill(status=200, content_type="text/event-stream", body=": ping\n\n")
+        else:
+            if not missed:  # while the page has no stream: created and ended unseen
+                with api(server) as client:
+                    run_id = client.post("/runs", json={"params": {"step_seconds": 0.01}})
+                missed.append(run_id.json()["id"])
+                wait_for(lambda: run_status(server, missed[0]) == "completed")
+            route.continue_()
+
+    page.route(lambda url: urlsplit(url).path == "/events", events)
+    page.goto(server.url + "/")
+    connection = page.get_by_test_id("connection")
+    expect(connection).to_have_attribute("data-state", "offline")
+    expect(connection).to_contain_text("reconnecting")
+    expect(page.get_by_test_id("runs-empty")).to_be_visible()  # the list does not need the stream
+
+    deadline = time.monotonic() + 15
+    while not missed and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # the route handler runs while Playwright waits
+    expect(page.get_by_test_id(f"run-status-{missed[0]}")).to_have_text("completed")
+    expect(connection).to_have_attribute("data-state", "live")
+    assert len(answered) == 3
+    assert answered[1] - answered[0] >= 0.9, "the 503's Retry-After was not waited for"
+    # The list was read again as soon as the third stream opened (not by the 5 s timer).
+    third = [t for t, r in requests if urlsplit(r.url).path == "/events"][2]
+    reads = [t for t, r in requests if r.method == "GET" and urlsplit(r.url).path == "/runs"]
+    assert any(0 <= t - third < 2.5 for t in reads), (third, reads)
+
+    # And the third stream carries the live updates.
+    page.get_by_test_id("params-input").fill('{"step_seconds": 0.03}')
+    page.get_by_test_id("start-button").click()
+    rows = page.locator('[data-testid^="run-row-"]')
+    expect(rows).to_have_count(2)
+    live = int(rows.first.get_attribute("data-run-id") or 0)
+    expect(page.get_by_test_id(f"run-status-{live}")).to_have_text("completed")
+    expect(page.get_by_test_id(f"run-warnings-{live}")).to_have_text("1 warning")
+    paths = _paths([r for _, r in requests])
+    assert paths.count("/events") == 3, paths
+    assert [p for p in paths if PER_RUN_STREAM.search(p)] == []
+
+
+def test_a_run_resumed_and_ended_between_two_looks_is_caught_up(start_server, page):
+    """A run that comes back to life and ends before the server's watcher looks again.
+
+    The stream never sends it (it was never live at a look), so what the page
+    knows is the resume's answer, "queued": the page reads the list again when
+    the stream does not confirm such a run within a few seconds.
+    """
+    server = start_server(SLOW)
+    with api(server) as client:
+        run_id = client.post("/runs", json={}).json()["id"]
+        wait_for(lambda: run_status(server, run_id) == "running")
+        client.post(f"/runs/{run_id}/cancel")
+        wait_for(lambda: run_status(server, run_id) == "cancelled")
+    requests: list[Request] = []
+    page.on("request", lambda request: requests.append(request))
+    page.goto(server.url + "/")
+    expect(page.get_by_test_id("connection")).to_have_attribute("data-state", "live")
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("cancelled")
+
+    def resumed_then_cancelled_at_once(route: Route) -> None:
+        answer = route.fetch()
+        with api(server) as client:
+            assert client.post(f"/runs/{run_id}/cancel").status_code == 202
+        route.fulfill(response=answer)
+
+    page.route(f"**/runs/{run_id}/resume", resumed_then_cancelled_at_once)
+    with page.expect_response(f"**/runs/{run_id}/resume") as resumed:
+        page.get_by_test_id(f"resume-{run_id}").click()
+    assert resumed.value.status == 202
+    assert resumed.value.json()["status"] in ("queued", "running")
+    expect(page.get_by_test_id(f"run-status-{run_id}")).to_have_text("cancelled")
+    expect(page.get_by_test_id(f"resume-{run_id}")).to_be_visible()
+    assert run_status(server, run_id) == "cancelled"
+    paths = _paths(requests)
+    assert paths.count("/events") == 1, paths
+    assert [p for p in paths if PER_RUN_STREAM.search(p)] == []
 
 
 # -- a run's report: artifacts and timeline ------------------------------------------

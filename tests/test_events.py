@@ -32,9 +32,12 @@ from .conftest import wait_for
 from .live_server import LiveServer
 
 GO = threading.Event()
+FAIL = threading.Event()
 
 
 def _step(conn: Connection, ctx: RunContext) -> None:
+    if ctx.params.get("fail") and FAIL.is_set():
+        raise RuntimeError("failing on purpose")
     ctx.progress(1, 2)
     if ctx.params.get("hold"):
         GO.wait(20)
@@ -139,6 +142,23 @@ def test_a_list_view_sees_every_run_created_and_every_change(db_url):
             mine = [json.dumps(e, sort_keys=True) for e in listener.seen if e["id"] == run["id"]]
             assert all(a != b for a, b in itertools.pairwise(mine))
         finally:
+            listener.close()
+
+
+def test_a_run_resumed_and_ended_between_two_looks_is_sent(db_url):
+    """A resume is seen even when the run is done before the watcher looks again."""
+    with serving(db_url) as (server, _):
+        FAIL.set()
+        listener = Listener(server.url)
+        try:
+            run = post(server, "beta", fail=True)
+            listener.until(lambda r: r["id"] == run["id"] and r["status"] == "failed")
+            FAIL.clear()
+            resumed = httpx2.post(f"{server.url}/runs/{run['id']}/resume", timeout=10)
+            assert resumed.status_code == 202
+            listener.until(lambda r: r["id"] == run["id"] and r["status"] == "completed")
+        finally:
+            FAIL.clear()
             listener.close()
 
 

@@ -86,6 +86,9 @@ class Service:
         )
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
+        # Runs resumed here since the shared watcher last looked: a resumed run
+        # can end before the next look, and must still be seen (pipeline.watch).
+        self._resumed: set[int] = set()
         # PostgreSQL tells an executing process of new runs at once (pipeline.notify).
         self.listener: Listener | None = None
         if self.execute and not db.is_sqlite(self.engine):
@@ -330,8 +333,11 @@ class Service:
         live = {
             run_id: self.executor.live_progress(run_id) for run_id in self.executor.active_runs()
         }
+        resumed, self._resumed = self._resumed, set()
         with db.read(self.engine) as conn:
-            found, newest = runs.watched_runs(conn, after_id=after_id, was_live=was_live)
+            found, newest = runs.watched_runs(
+                conn, after_id=after_id, was_live=[*was_live, *resumed]
+            )
         return [run.with_live_progress(live.get(run.id)) for run in found], newest
 
     def cancel(self, run_id: int) -> tuple[Outcome, Run | None]:
@@ -347,8 +353,10 @@ class Service:
         """Raises :class:`runs.PhasesChanged` when the pipeline's phases changed since."""
         with db.write(self.engine) as conn:
             outcome = runs.resume(conn, run_id=run_id, phases=self._labels_of)
-        if outcome is Outcome.DONE and self.execute:
-            self.executor.wake()
+        if outcome is Outcome.DONE:
+            self._resumed.add(run_id)
+            if self.execute:
+                self.executor.wake()
         return outcome, self.get_run(run_id)
 
     def get_result(self, run_id: int, phase_num: int) -> Any:

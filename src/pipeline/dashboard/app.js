@@ -1,9 +1,10 @@
 /* analysis-pipeline dashboard: plain JavaScript, no build step, no dependencies.
  *
- * Data flow: GET /runs fills the list (and is repeated every few seconds to
- * catch runs started elsewhere); every active run is followed live through
- * GET /runs/{id}/events, read with fetch() and a small server-sent-events
- * parser (EventSource cannot send an Authorization header). Everything the
+ * Data flow: GET /runs fills the list; then one stream, GET /events
+ * (events.js), brings every run created or changed, whichever run it is: the
+ * list, the details and the schedules' last runs follow it. The list is read
+ * again each time the stream (re)opens, since what happened while it was
+ * down was never sent, and slowly besides as a safety net. Everything the
  * server says is put on the page with textContent, never as HTML. The
  * schedules panel (schedules.js) is started from init() with the helpers here.
  */
@@ -12,17 +13,17 @@
 (function () {
   const TOKEN_KEY = "pipeline.apiToken";
   const LIST_LIMIT = 50;
-  const REFRESH_MS = 5000;          // the list, when every active run is streamed
-  const FAST_REFRESH_MS = 1500;     // the list, when some active run is not
-  const MAX_STREAMS = 4;            // browsers allow ~6 connections per host
-  const BACKOFF_MS = [500, 1000, 2000, 4000, 5000];
+  const REFRESH_MS = 30000;         // the list, a safety net while the stream is open
+  const DOWN_REFRESH_MS = 5000;     // the list, while the stream is not open
+  const CONFIRM_MS = 3000;          // the list, when the stream did not confirm a run come to life
   const ACTIVE = new Set(["queued", "running"]);
   const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 
   const state = {
     runs: new Map(),        // id -> Run JSON
     rows: new Map(),        // id -> row elements
-    streams: new Map(),     // id -> {controller, live}
+    heard: new Map(),       // id -> when (performance.now()) the stream last sent it
+    unconfirmed: new Map(), // id -> since when: made active by an answer, not yet by the stream
     selected: null,         // id of the run shown in details
     detailsKey: "",         // what the details panel last rendered
     pending: new Set(),     // "cancel-3", "resume-3": actions in flight
@@ -258,19 +259,36 @@
     return ACTIVE.has(run.status);
   }
 
-  /** Record a run from any source and redraw what shows it. */
-  function applyRun(run, source) {
+  /**
+   * Record a run from any source and redraw what shows it. `sentAt` is when
+   * the request that answered with it was sent (performance.now()); the
+   * stream's runs need none.
+   */
+  function applyRun(run, source, sentAt) {
     if (!run || typeof run.id !== "number") return;
     const known = state.runs.get(run.id);
-    const stream = state.streams.get(run.id);
-    // An open stream is the freshest view of its run: a list fetched a moment
-    // earlier must not move its progress back.
-    if (source === "list" && known && stream && stream.live) return;
+    if (source === "stream") {
+      state.heard.set(run.id, performance.now());
+      if (state.unconfirmed.delete(run.id)) scheduleRefresh();
+    } else {
+      // The stream spoke of this run after the request was sent: its copy is
+      // the fresher, and a list or an answer read a moment earlier must not
+      // move the progress back, nor bring a run that ended back to life.
+      if (state.heard.has(run.id) && state.heard.get(run.id) >= sentAt) return;
+      if (!isActive(run)) {
+        state.unconfirmed.delete(run.id);
+      } else if (!known || !isActive(known)) {
+        // Come to life (created, resumed): the stream says so within a look
+        // of the server's, unless it ended between two looks. Then only a
+        // list read says how it ended.
+        state.unconfirmed.set(run.id, performance.now());
+        scheduleRefresh();
+      }
+    }
     state.runs.set(run.id, run);
     renderRow(run);
     renderSummary();
     if (state.selected === run.id) renderDetails();
-    ensureStreams();
     if (schedulesPanel && run.schedule_id !== null && run.schedule_id !== undefined) schedulesPanel.runSeen(run);
   }
 
@@ -655,11 +673,12 @@
     state.pending.add(key);
     refreshRun(id);
     try {
+      const sentAt = performance.now();
       const response = await api(`runs/${id}/${action}`, { method: "POST" });
       const body = await readJson(response);
       if (response.ok) {
         hideError();
-        applyRun(body, "action");
+        applyRun(body, "action", sentAt);
       } else {
         const what = action === "cancel" ? "cancel" : "resume";
         showError(`Could not ${what} run #${id}: ${readableDetail(body, `the server answered ${response.status}`)}`);
@@ -681,9 +700,9 @@
   }
 
   function forget(id) {
-    const stream = state.streams.get(id);
-    if (stream) stream.controller.abort();
     state.runs.delete(id);
+    state.heard.delete(id);
+    state.unconfirmed.delete(id);
     if (state.selected === id) state.selected = null;
     renderList();
     renderDetails();
@@ -691,8 +710,9 @@
 
   async function refreshOne(id) {
     try {
+      const sentAt = performance.now();
       const response = await api(`runs/${id}`);
-      if (response.ok) applyRun(await readJson(response), "get");
+      if (response.ok) applyRun(await readJson(response), "get", sentAt);
       else if (response.status === 404) forget(id);
     } catch (_) {
       /* the next list refresh will catch up */
@@ -712,6 +732,7 @@
     setText(button, "Starting…");
     try {
       const params = read.params;
+      const sentAt = performance.now();
       const response = await api("runs", {
         method: "POST",
         headers: { "Content-Type": "application/json" },
@@ -720,7 +741,7 @@
       const body = await readJson(response);
       if (response.ok) {
         hideError();
-        applyRun(body, "create");
+        applyRun(body, "create", sentAt);
         select(body.id, true);
       } else if (response.status === 422 && body && Array.isArray(body.detail)) {
         const rest = startForm.showFieldErrors(body.detail);
@@ -1005,127 +1026,71 @@
 
   // -- live updates --------------------------------------------------------------
 
-  /** A tiny server-sent-events parser: feed it text, it calls onEvent(type, data). */
-  function sseParser(onEvent) {
-    let buffer = "";
-    let type = "";
-    let data = [];
-    const lineBreak = /\r\n|\r|\n/g;
+  let events = null;  // what window.PipelineEvents.follow() returned
 
-    function line(text) {
-      if (text === "") {
-        if (data.length) onEvent(type || "message", data.join("\n"));
-        type = "";
-        data = [];
-        return;
-      }
-      if (text.startsWith(":")) return;  // a comment (keep-alive ping)
-      const colon = text.indexOf(":");
-      const field = colon === -1 ? text : text.slice(0, colon);
-      let value = colon === -1 ? "" : text.slice(colon + 1);
-      if (value.startsWith(" ")) value = value.slice(1);
-      if (field === "event") type = value;
-      else if (field === "data") data.push(value);
-    }
-
-    return function feed(chunk, done) {
-      buffer += chunk;
-      let start = 0;
-      let match;
-      lineBreak.lastIndex = 0;
-      while ((match = lineBreak.exec(buffer)) !== null) {
-        // A trailing "\r" may be half of a "\r\n" that arrives with the next chunk.
-        if (match[0] === "\r" && match.index === buffer.length - 1 && !done) break;
-        line(buffer.slice(start, match.index));
-        start = lineBreak.lastIndex;
-      }
-      buffer = buffer.slice(start);
-      if (done && buffer) {
-        line(buffer);
-        buffer = "";
-      }
-    };
+  function streamOpen() {
+    return Boolean(events && events.isOpen());
   }
 
-  function sleep(ms, signal) {
-    return new Promise((resolve) => {
-      const timer = setTimeout(resolve, ms);
-      if (signal) signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+  function startEvents() {
+    events = window.PipelineEvents.follow({
+      api,
+      onRun: (run) => {
+        applyRun(run, "stream");
+        setConnection("live", `Live · updated ${new Date().toLocaleTimeString()}`);
+      },
+      onOpen: () => {
+        setConnection("live", `Live · updated ${new Date().toLocaleTimeString()}`);
+        // The first time too: a run may have ended between the first list and
+        // the stream's start, and the stream sends only the runs live now.
+        refreshList();
+      },
+      onDown: () => {
+        setConnection("offline", "Live updates interrupted · reconnecting…");
+        scheduleRefresh();
+      },
     });
   }
 
-  /** Start streams for active runs, newest and selected first, within the limit. */
-  function ensureStreams() {
-    const wanted = [...state.runs.values()]
-      .filter(isActive)
-      .sort((a, b) => (b.id === state.selected) - (a.id === state.selected) || b.id - a.id);
-    for (const run of wanted) {
-      if (state.streams.size >= MAX_STREAMS) break;
-      if (!state.streams.has(run.id)) follow(run.id);
-    }
-  }
-
-  async function follow(id) {
-    const stream = { controller: new AbortController(), live: false };
-    state.streams.set(id, stream);
-    const signal = stream.controller.signal;
-    let attempt = 0;
-    try {
-      while (!signal.aborted) {
-        try {
-          const response = await api(`runs/${id}/events`, {
-            headers: { Accept: "text/event-stream" },
-            cache: "no-store",
-            signal,
-          });
-          if (response.status === 404) {
-            forget(id);
-            return;
-          }
-          if (!response.ok || !response.body) throw new Error(`events answered ${response.status}`);
-          stream.live = true;
-          attempt = 0;
-          const reader = response.body.getReader();
-          const decoder = new TextDecoder();
-          const feed = sseParser((type, data) => {
-            if (type !== "run") return;
-            try {
-              applyRun(JSON.parse(data), "stream");
-            } catch (_) {
-              /* a malformed event: ignore it, the next one will do */
-            }
-          });
-          for (;;) {
-            const { value, done } = await reader.read();
-            if (done) {
-              feed(decoder.decode(), true);
-              break;
-            }
-            feed(decoder.decode(value, { stream: true }), false);
-          }
-        } catch (_) {
-          if (signal.aborted) return;
-        } finally {
-          stream.live = false;
-        }
-        const run = state.runs.get(id);
-        if (!run || !isActive(run)) return;
-        // The stream ended while the run is still active: the server restarted
-        // or the connection dropped. Try again shortly.
-        await sleep(BACKOFF_MS[Math.min(attempt, BACKOFF_MS.length - 1)], signal);
-        attempt += 1;
-      }
-    } finally {
-      state.streams.delete(id);
-      ensureStreams();
-    }
-  }
-
   let refreshTimer = null;
+  let refreshing = null;    // the list request in flight
+  let refreshAgain = false; // asked for while one was in flight: read it once more after
+  let listReadAt = 0;       // when the last list read ended
 
-  async function refreshList() {
+  /** (Re)sets the timer of the next list read, from what the page knows now. */
+  function scheduleRefresh() {
+    if (refreshing) return;  // set again when the read in flight ends
     clearTimeout(refreshTimer);
+    let due = listReadAt + (streamOpen() ? REFRESH_MS : DOWN_REFRESH_MS);
+    // Not sooner than CONFIRM_MS after the last read either: a server that does
+    // not answer is not asked again at once.
+    for (const since of state.unconfirmed.values()) due = Math.min(due, Math.max(since, listReadAt) + CONFIRM_MS);
+    refreshTimer = setTimeout(refreshList, Math.max(0, due - performance.now()));
+  }
+
+  /** Reads the list; asked while a read is in flight, reads it again once that one ends. */
+  function refreshList() {
+    if (refreshing) {
+      refreshAgain = true;
+      return refreshing;
+    }
+    clearTimeout(refreshTimer);
+    refreshing = readList().finally(() => {
+      refreshing = null;
+      listReadAt = performance.now();
+      if (refreshAgain) {
+        refreshAgain = false;
+        refreshList();
+      } else {
+        scheduleRefresh();
+      }
+    });
+    return refreshing;
+  }
+
+  async function readList() {
     try {
+      const sentAt = performance.now();
       const response = await api(`runs?limit=${LIST_LIMIT}`);
       if (!response.ok) {
         const body = await readJson(response);
@@ -1135,22 +1100,25 @@
       const seen = new Set();
       for (const run of page.items || []) {
         seen.add(run.id);
-        applyRun(run, "list");
+        applyRun(run, "list", sentAt);
+      }
+      // Read after they came to life: what this list says of them is what there is to know.
+      for (const [id, since] of state.unconfirmed) {
+        if (since <= sentAt) state.unconfirmed.delete(id);
       }
       // Runs that fell off the first page stay only while they are selected or active.
       for (const [id, run] of state.runs) {
         if (!seen.has(id) && id !== state.selected && !isActive(run) && state.runs.size > LIST_LIMIT) {
           state.runs.delete(id);
+          state.heard.delete(id);
         }
       }
       state.loaded = true;
       renderList();
-      setConnection("live", `Live · updated ${new Date().toLocaleTimeString()}`);
+      if (streamOpen()) setConnection("live", `Live · updated ${new Date().toLocaleTimeString()}`);
     } catch (err) {
       setConnection("offline", "Cannot reach the server · retrying");
     }
-    const unstreamed = [...state.runs.values()].some((run) => isActive(run) && !state.streams.has(run.id));
-    refreshTimer = setTimeout(refreshList, unstreamed ? FAST_REFRESH_MS : REFRESH_MS);
   }
 
   // -- start -----------------------------------------------------------------------
@@ -1177,6 +1145,7 @@
     });
     setInterval(tick, 1000);
     refreshList();
+    startEvents();
     startSchedules(loadPipelines());
   }
 
