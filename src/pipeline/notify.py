@@ -54,7 +54,9 @@ class Listener:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop listening: the thread closes its connection and ends now."""
+        """Stop listening: the thread closes its connection and ends now (once)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         os.write(self._stop_write, b"x")
         if self._thread.is_alive():

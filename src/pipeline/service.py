@@ -334,10 +334,14 @@ class Service:
             run_id: self.executor.live_progress(run_id) for run_id in self.executor.active_runs()
         }
         resumed, self._resumed = self._resumed, set()
-        with db.read(self.engine) as conn:
-            found, newest = runs.watched_runs(
-                conn, after_id=after_id, was_live=[*was_live, *resumed]
-            )
+        try:
+            with db.read(self.engine) as conn:
+                found, newest = runs.watched_runs(
+                    conn, after_id=after_id, was_live=[*was_live, *resumed]
+                )
+        except BaseException:
+            self._resumed |= resumed  # looked at next time, then
+            raise
         return [run.with_live_progress(live.get(run.id)) for run in found], newest
 
     def cancel(self, run_id: int) -> tuple[Outcome, Run | None]:
