@@ -79,7 +79,7 @@ class Listener:
                     failures = 0
                     while not self._stop.is_set():
                         # What arrived (or was read along with LISTEN's answer), then wait.
-                        if any(True for _ in conn.notifies(timeout=0)):
+                        if list(conn.notifies(timeout=0)):  # drained: one wake for all
                             self._wake()
                         select.select([conn.fileno(), self._stop_read], [], [], WAIT_SECONDS)
             except psycopg.Error as exc:
