@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from pipeline import artifacts, db, liveness, runs
 from pipeline.metrics import Metrics
 from pipeline.params import validate_params
-from pipeline.pipelines import DEFAULT_NAME, Pipeline, as_pipelines
+from pipeline.pipelines import DEFAULT_NAME, Pipeline, as_pipelines, choose_pipeline
 
 # Where they lived before pipelines.py; kept importable from here.
 from pipeline.pipelines import MAX_LABEL_LENGTH as MAX_LABEL_LENGTH
@@ -32,6 +32,7 @@ from pipeline.pipelines import Phase as Phase
 from pipeline.pipelines import PhaseFn as PhaseFn
 from pipeline.pipelines import Registry as Registry
 from pipeline.pipelines import RegistryError as RegistryError
+from pipeline.pipelines import UnknownPipeline as UnknownPipeline
 from pipeline.pipelines import load_pipelines as load_pipelines
 from pipeline.pipelines import load_registry as load_registry
 from pipeline.pipelines import validate_registry as validate_registry
@@ -119,10 +120,6 @@ def retry_policy(fn: PhaseFn) -> RetryPolicy:
 
 
 # -- what a phase may use -------------------------------------------------------
-
-
-class UnknownPipeline(LookupError):
-    """No pipeline of that name here, or none named where several are; the message lists them."""
 
 
 class RunCancelled(Exception):
@@ -383,19 +380,7 @@ class Executor:
 
     def pipeline(self, name: str | None) -> Pipeline:
         """The pipeline called ``name`` (None: the only one); :class:`UnknownPipeline` if none."""
-        if name is None:
-            if len(self.pipelines) == 1:
-                return next(iter(self.pipelines.values()))
-            raise UnknownPipeline(
-                f"name the pipeline: this service has several ({self.known_names()})"
-            )
-        found = self.pipelines.get(name)
-        if found is None:
-            raise UnknownPipeline(f"no pipeline named {name!r}; known: {self.known_names()}")
-        return found
-
-    def known_names(self) -> str:
-        return ", ".join(sorted(self.pipelines))
+        return choose_pipeline(self.pipelines, name)
 
     def start_reserved(
         self, params: Mapping[str, Any], *, pipeline: str | None = None

@@ -43,6 +43,24 @@ class RegistryError(ValueError):
     """A registry that would make runs lie about their phases."""
 
 
+class UnknownPipeline(LookupError):
+    """No pipeline of that name here, or none named where several are; the message lists them."""
+
+
+def choose_pipeline(pipelines: Mapping[str, Pipeline], name: object) -> Pipeline:
+    """The pipeline called ``name`` (None: the only one), for every door that names one."""
+    known = ", ".join(sorted(pipelines))
+    if name is None:
+        if len(pipelines) == 1:
+            return next(iter(pipelines.values()))
+        raise UnknownPipeline(f"name the pipeline: this service has several ({known})")
+    found = pipelines.get(name) if isinstance(name, str) else None
+    if found is None:
+        shown = repr(name[:64]) if isinstance(name, str) else type(name).__name__
+        raise UnknownPipeline(f"no pipeline named {shown}; known: {known}")
+    return found
+
+
 def validate_registry(phases: object) -> list[Phase]:
     """Check the registry's shape before any run starts, and return it as a list."""
     if isinstance(phases, str | bytes) or not isinstance(phases, Sequence):

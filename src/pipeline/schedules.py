@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection, Engine, RowMapping
 from pipeline import db, runs
 from pipeline.metrics import Metrics
 from pipeline.params import InvalidParams, validate_params
-from pipeline.pipelines import NAME_PATTERN, Pipeline
+from pipeline.pipelines import NAME_PATTERN, Pipeline, UnknownPipeline, choose_pipeline
 from pipeline.runs import RunStatus, rfc3339
 from pipeline.schema import SCHEDULE_CATCH_UPS, SCHEDULE_OVERLAPS, UTCDateTime, db_now
 from pipeline.schema import analysis_runs as runs_t
@@ -222,7 +222,10 @@ def check_fields(
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
             raise InvalidSchedule("'name' must be a slug: [a-z0-9][a-z0-9_-]{0,63}")
         values["name"] = name
-        values["pipeline"] = _pipeline_of(payload.get("pipeline"), pipelines).name
+        try:
+            values["pipeline"] = choose_pipeline(pipelines, payload.get("pipeline")).name
+        except UnknownPipeline as exc:
+            raise InvalidSchedule(str(exc)) from None
         if "cron" not in payload:
             raise InvalidSchedule("'cron' is required, like '0 6 * * *'")
     pipeline = pipelines.get(values["pipeline"] if current is None else current.pipeline)
@@ -253,18 +256,6 @@ def check_fields(
             raise InvalidSchedule(str(exc)) from None
         values["params"], _ = pipeline.check_params(params)
     return values
-
-
-def _pipeline_of(name: object, pipelines: Mapping[str, Pipeline]) -> Pipeline:
-    known = ", ".join(sorted(pipelines))
-    if name is None:
-        if len(pipelines) == 1:
-            return next(iter(pipelines.values()))
-        raise InvalidSchedule(f"name the pipeline: this service has several ({known})")
-    if not isinstance(name, str) or name not in pipelines:
-        shown = name if isinstance(name, str) and len(name) <= 64 else type(name).__name__
-        raise InvalidSchedule(f"no pipeline named {shown!r}; known: {known}")
-    return pipelines[name]
 
 
 # -- the Schedule JSON -----------------------------------------------------------------

@@ -94,9 +94,7 @@ class Service:
         if self.execute and not db.is_sqlite(self.engine):
             # One notification may stand for many runs (PostgreSQL folds those of
             # one transaction): count what is claimable, as a poll does.
-            self.listener = Listener(
-                settings.database_url, lambda: self.executor.wake(self._queued_here())
-            )
+            self.listener = Listener(settings.database_url, self._wake_for_queued)
 
     # -- life cycle --
 
@@ -107,7 +105,7 @@ class Service:
         if self.listener is not None:
             self.listener.start()
         if self.execute:
-            self.executor.wake(self._queued_here())
+            self._wake_for_queued()
         self._housekeeper = threading.Thread(
             target=self._housekeeping, name="pipeline-housekeeper", daemon=True
         )
@@ -199,6 +197,7 @@ class Service:
         retention.prune(self.engine, older_than=retention.parse_duration(self.settings.retention))
 
     def _wake_for_queued(self) -> None:
+        """A runner for each queued run this process could start now (start, poll, NOTIFY)."""
         waiting = self._queued_here()
         if waiting:
             self.executor.wake(waiting)
