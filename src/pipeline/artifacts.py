@@ -31,6 +31,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from pipeline.compiled import Compiled
 from pipeline.schema import run_artifacts as artifacts_t
 from pipeline.schema import run_results as results_t
 
@@ -313,6 +314,15 @@ _RESULT_PHASES_OF = (
     .where(results_t.c.run_id.in_(_b("b_ids", expanding=True)))
     .order_by(results_t.c.run_id, results_t.c.phase_num)
 )
+# The same two for one run (GET /runs/{id}), on the hot path's compiled form.
+_SUMMARIES_OF_RUN = Compiled(
+    sa.select(*_SUMMARY_COLUMNS)
+    .where(artifacts_t.c.run_id == _b("b_run"))
+    .order_by(*_IN_PHASE_ORDER)
+)
+_RESULT_PHASES_OF_RUN = Compiled(
+    sa.select(results_t.c.run_id, results_t.c.phase_num).where(results_t.c.run_id == _b("b_run"))
+)
 _RESULTS_OF_RUN = sa.select(results_t.c.phase_num, results_t.c.value).where(
     results_t.c.run_id == _b("b_run")
 )
@@ -373,20 +383,26 @@ def published_keys(conn: Connection, *, run_id: int) -> dict[str, int]:
 def result_phases(conn: Connection, *, run_ids: Sequence[int]) -> dict[int, set[int]]:
     """For each run, the phases that stored a result (the Run JSON's ``has_result``)."""
     found: dict[int, set[int]] = {i: set() for i in run_ids}
-    if run_ids:
-        for run_id, num in conn.execute(_RESULT_PHASES_OF, {"b_ids": list(run_ids)}):
-            found[run_id].add(num)
+    if len(run_ids) == 1:
+        rows = _RESULT_PHASES_OF_RUN.execute(conn, {"b_run": run_ids[0]}).rows
+    else:
+        rows = list(conn.execute(_RESULT_PHASES_OF, {"b_ids": list(run_ids)})) if run_ids else []
+    for run_id, num in rows:
+        found[run_id].add(num)
     return found
 
 
 def summaries(conn: Connection, *, run_ids: Sequence[int]) -> dict[int, list[Artifact]]:
     """For each run, its artifacts without their data, in phase order."""
     found: dict[int, list[Artifact]] = {i: [] for i in run_ids}
-    if run_ids:
-        for row in conn.execute(_SUMMARIES_OF, {"b_ids": list(run_ids)}):
-            found[row.run_id].append(
-                Artifact(row.key, row.phase_num, row.kind, row.title, row.created_at)
-            )
+    if len(run_ids) == 1:
+        rows = _SUMMARIES_OF_RUN.execute(conn, {"b_run": run_ids[0]}).rows
+    else:
+        rows = list(conn.execute(_SUMMARIES_OF, {"b_ids": list(run_ids)})) if run_ids else []
+    for row in rows:
+        found[row.run_id].append(
+            Artifact(row.key, row.phase_num, row.kind, row.title, row.created_at)
+        )
     return found
 
 

@@ -41,6 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from pipeline import db
+from pipeline.compiled import Compiled
 from pipeline.runs import RunStatus, add_warnings
 from pipeline.schema import analysis_runs as runs_t
 from pipeline.schema import db_now
@@ -190,7 +191,7 @@ _owned = sa.and_(
     runs_t.c.owner == sa.bindparam("b_owner"),
     runs_t.c.status == RunStatus.RUNNING.value,
 )
-_BEAT = (
+_BEAT = Compiled(
     sa.update(runs_t)
     .where(_owned, runs_t.c.current_phase == sa.bindparam("b_phase"))
     .values(
@@ -219,7 +220,7 @@ def heartbeat(conn: Connection, *, beats: Sequence[Beat]) -> dict[int, bool]:
         }
         try:
             with conn.begin_nested():
-                row = conn.execute(_BEAT, params).first()
+                row = _BEAT.execute(conn, params).first()
         except Exception as exc:
             if db.is_lock_error(exc) or db.is_disconnect(exc):
                 raise  # nothing else can be written either

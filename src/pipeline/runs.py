@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.engine import Connection
 
 from pipeline import artifacts
 from pipeline.artifacts import Artifact
+from pipeline.compiled import Compiled
 from pipeline.params import validate_params
 from pipeline.pipelines import DEFAULT_NAME as DEFAULT_PIPELINE
 from pipeline.schema import analysis_runs as runs_t
@@ -103,29 +105,30 @@ class Run:
     @classmethod
     def from_row(
         cls,
-        row: RowMapping,
+        row: Any,
         *,
         warnings: Iterable[RunWarning] = (),
         phases: Iterable[PhaseRecord] = (),
         published: Iterable[Artifact] = (),
     ) -> Run:
+        """From a row of ``_RUN_COLUMNS`` (a SQLAlchemy row or a compiled statement's)."""
         return cls(
-            id=row["id"],
-            pipeline=row["pipeline"],
-            schedule_id=row["schedule_id"],
-            status=RunStatus(row["status"]),
-            params=row["params"],
-            current_phase=row["current_phase"],
-            phase_label=row["phase_label"],
-            progress_current=row["progress_current"],
-            progress_total=row["progress_total"],
-            phase_progress_current=row["phase_progress_current"],
-            phase_progress_total=row["phase_progress_total"],
-            error_message=row["error_message"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            completed_at=row["completed_at"],
-            cancel_requested_at=row["cancel_requested_at"],
+            id=row.id,
+            pipeline=row.pipeline,
+            schedule_id=row.schedule_id,
+            status=RunStatus(row.status),
+            params=row.params,
+            current_phase=row.current_phase,
+            phase_label=row.phase_label,
+            progress_current=row.progress_current,
+            progress_total=row.progress_total,
+            phase_progress_current=row.phase_progress_current,
+            phase_progress_total=row.phase_progress_total,
+            error_message=row.error_message,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            completed_at=row.completed_at,
+            cancel_requested_at=row.cancel_requested_at,
             warnings=tuple(warnings),
             phases=tuple(phases),
             artifacts=tuple(published),
@@ -198,7 +201,17 @@ _RUN_COLUMNS = [c for c in runs_t.c if c.name not in ("owner", "heartbeat_at")]
 
 
 # Reads a request makes, built once (building them cost as much as running them).
-_GET_RUN = sa.select(*_RUN_COLUMNS).where(runs_t.c.id == sa.bindparam("b_run"))
+_GET_RUN = Compiled(sa.select(*_RUN_COLUMNS).where(runs_t.c.id == sa.bindparam("b_run")))
+_WARNINGS_OF_RUN = Compiled(
+    sa.select(warnings_t.c.run_id, warnings_t.c.phase, warnings_t.c.message)
+    .where(warnings_t.c.run_id == sa.bindparam("b_run"))
+    .order_by(warnings_t.c.id)
+)
+_PHASES_OF_RUN = Compiled(
+    sa.select(phases_t)
+    .where(phases_t.c.run_id == sa.bindparam("b_run"))
+    .order_by(phases_t.c.phase_num)
+)
 _WARNINGS_OF = (
     sa.select(warnings_t.c.run_id, warnings_t.c.phase, warnings_t.c.message)
     .where(warnings_t.c.run_id.in_(sa.bindparam("b_ids", expanding=True)))
@@ -212,7 +225,7 @@ _PHASES_OF = (
 
 
 def get_run(conn: Connection, *, run_id: int) -> Run | None:
-    row = conn.execute(_GET_RUN, {"b_run": run_id}).mappings().first()
+    row = _GET_RUN.execute(conn, {"b_run": run_id}).first()
     if row is None:
         return None
     return _with_details(conn, [row])[0]
@@ -224,7 +237,7 @@ def get_run_row(conn: Connection, *, run_id: int) -> Run | None:
     What a progress display needs (status, phase, counters, percent); a
     watcher reads this often and the whole run once, at the end.
     """
-    row = conn.execute(_GET_RUN, {"b_run": run_id}).mappings().first()
+    row = _GET_RUN.execute(conn, {"b_run": run_id}).first()
     return None if row is None else Run.from_row(row)
 
 
@@ -244,7 +257,7 @@ def list_runs(
         query = query.where(runs_t.c.status == status.value)
     if before is not None:
         query = query.where(runs_t.c.id < before)
-    rows = list(conn.execute(query).mappings())
+    rows = list(conn.execute(query))
     more = len(rows) > limit
     page = _with_details(conn, rows[:limit])
     return page, (page[-1].id if more and page else None)
@@ -273,21 +286,32 @@ def watched_runs(
     """
     newest = conn.execute(_NEWEST_ID).scalar_one() or 0
     after = newest if after_id is None else after_id
-    rows = list(conn.execute(_WATCHED, {"b_after": after, "b_was_live": list(was_live)}).mappings())
+    rows = list(conn.execute(_WATCHED, {"b_after": after, "b_was_live": list(was_live)}))
     return _with_details(conn, rows), max(newest, after)
 
 
-def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
-    ids = [row["id"] for row in rows]
+def _with_details(conn: Connection, rows: Sequence[Any]) -> list[Run]:
+    ids = [row.id for row in rows]
     if not ids:
         return []
+    one = {"b_run": ids[0]}
     warnings: dict[int, list[RunWarning]] = {i: [] for i in ids}
-    for w in conn.execute(_WARNINGS_OF, {"b_ids": ids}):
+    found = (
+        _WARNINGS_OF_RUN.execute(conn, one).rows
+        if len(ids) == 1
+        else conn.execute(_WARNINGS_OF, {"b_ids": ids})
+    )
+    for w in found:
         warnings[w.run_id].append(RunWarning(phase=w.phase, message=w.message))
     phases: dict[int, list[PhaseRecord]] = {i: [] for i in ids}
     with_result = artifacts.result_phases(conn, run_ids=ids)
     published = artifacts.summaries(conn, run_ids=ids)
-    for p in conn.execute(_PHASES_OF, {"b_ids": ids}):
+    found = (
+        _PHASES_OF_RUN.execute(conn, one).rows
+        if len(ids) == 1
+        else conn.execute(_PHASES_OF, {"b_ids": ids})
+    )
+    for p in found:
         phases[p.run_id].append(
             PhaseRecord(
                 num=p.phase_num,
@@ -302,9 +326,9 @@ def _with_details(conn: Connection, rows: Sequence[RowMapping]) -> list[Run]:
     return [
         Run.from_row(
             row,
-            warnings=warnings[row["id"]],
-            phases=phases[row["id"]],
-            published=published[row["id"]],
+            warnings=warnings[row.id],
+            phases=phases[row.id],
+            published=published[row.id],
         )
         for row in rows
     ]
@@ -348,11 +372,20 @@ def count_by_status(conn: Connection) -> dict[RunStatus, int]:
 # -- what clients do ----------------------------------------------------------
 
 
-_CREATE_RUN = sa.insert(runs_t).values(created_at=db_now()).returning(*_RUN_COLUMNS)
+_NEW_RUN = {
+    "status": RunStatus.QUEUED.value,
+    "pipeline": sa.bindparam("b_pipeline"),
+    "params": sa.bindparam("b_params", type_=runs_t.c.params.type),
+    "progress_current": 0,
+    "owner": sa.bindparam("b_owner", type_=runs_t.c.owner.type),
+    "schedule_id": sa.bindparam("b_schedule", type_=runs_t.c.schedule_id.type),
+    "created_at": db_now(),
+}
+_CREATE_RUN = Compiled(sa.insert(runs_t).values(_NEW_RUN).returning(*_RUN_COLUMNS))
 # A reserved run has a heartbeat from its creation, so that other hosts can tell
 # when the process that reserved it died before starting it.
-_RESERVE_RUN = (
-    sa.insert(runs_t).values(created_at=db_now(), heartbeat_at=db_now()).returning(*_RUN_COLUMNS)
+_RESERVE_RUN = Compiled(
+    sa.insert(runs_t).values({**_NEW_RUN, "heartbeat_at": db_now()}).returning(*_RUN_COLUMNS)
 )
 
 
@@ -372,18 +405,11 @@ def create_run(
     that a later read could not handle: every door creates runs here.
     """
     checked = validate_params(dict(params) if isinstance(params, Mapping) else params)
-    row = conn.execute(
-        _CREATE_RUN if owner is None else _RESERVE_RUN,
-        {
-            "status": RunStatus.QUEUED.value,
-            "pipeline": pipeline,
-            "params": checked,
-            "progress_current": 0,
-            "owner": owner,
-            "schedule_id": schedule_id,
-        },
+    row = (_CREATE_RUN if owner is None else _RESERVE_RUN).execute(
+        conn,
+        {"b_pipeline": pipeline, "b_params": checked, "b_owner": owner, "b_schedule": schedule_id},
     )
-    return Run.from_row(row.mappings().one())
+    return Run.from_row(row.one())
 
 
 # -- Idempotency-Key: next to the run creation it guards ------------------------
@@ -610,24 +636,41 @@ _b = sa.bindparam
 _claimable = sa.select(runs_t.c.id, runs_t.c.params, runs_t.c.started_at, runs_t.c.pipeline).where(
     runs_t.c.status == RunStatus.QUEUED.value
 )
-_NEXT_QUEUED = (
-    _claimable.where(
-        runs_t.c.owner.is_(None),
-        runs_t.c.id > _b("b_after"),
-        runs_t.c.pipeline.in_(_b("b_pipelines", expanding=True)),
+
+
+@functools.lru_cache(maxsize=64)
+def _next_queued(names: tuple[str, ...]) -> Compiled:
+    """The claim query for the pipelines an executor loaded: one per set of names.
+
+    An ``IN`` list of binds would be expanded at each execution; one
+    equality per name compiles once.
+    """
+    return Compiled(
+        _claimable.where(
+            runs_t.c.owner.is_(None),
+            runs_t.c.id > _b("b_after"),
+            sa.or_(*[runs_t.c.pipeline == name for name in names]),
+        )
+        .order_by(runs_t.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
     )
-    .order_by(runs_t.c.id)
-    .limit(1)
-    .with_for_update(skip_locked=True)
+
+
+_RESERVED = Compiled(
+    _claimable.where(runs_t.c.id == _b("b_run"), runs_t.c.owner == _b("b_owner")).with_for_update(
+        skip_locked=True
+    )
 )
-_RESERVED = _claimable.where(
-    runs_t.c.id == _b("b_run"), runs_t.c.owner == _b("b_owner")
-).with_for_update(skip_locked=True)
 _PHASE_STATUSES = sa.select(phases_t.c.phase_num, phases_t.c.label, phases_t.c.status).where(
     phases_t.c.run_id == _b("b_run")
 )
-_INSERT_PHASE = sa.insert(phases_t)
-_MARK_RUNNING = (
+_INSERT_PHASE = Compiled(
+    sa.insert(phases_t).values(
+        run_id=_b("b_run"), phase_num=_b("b_num"), label=_b("b_label"), status="pending", attempts=0
+    )
+)
+_MARK_RUNNING = Compiled(
     sa.update(runs_t)
     .where(runs_t.c.id == _b("b_run"))
     .values(
@@ -666,13 +709,13 @@ def claim(
     has its phases (one not yet upgraded, say).
     """
     known = dict(phases) if isinstance(phases, Mapping) else {DEFAULT_PIPELINE: phases}
-    names = sorted(known)
+    next_queued = _next_queued(tuple(sorted(known)))
     after = 0
     while True:
         if run_id is None:
-            row = conn.execute(_NEXT_QUEUED, {"b_after": after, "b_pipelines": names}).first()
+            row = next_queued.execute(conn, {"b_after": after}).first()
         else:
-            row = conn.execute(_RESERVED, {"b_run": run_id, "b_owner": owner}).first()
+            row = _RESERVED.execute(conn, {"b_run": run_id, "b_owner": owner}).first()
         if row is None or row.pipeline not in known:
             return None
         claimed = _claim_row(conn, row, owner=owner, phases=known[row.pipeline])
@@ -686,12 +729,8 @@ def _claim_row(
 ) -> Claimed | None:
     known: dict[int, str] = {}
     if row.started_at is None:  # its first start: the phase rows it will keep
-        conn.execute(
-            _INSERT_PHASE,
-            [
-                {"run_id": row.id, "phase_num": n, "label": lb, "status": "pending", "attempts": 0}
-                for n, lb in phases
-            ],
+        _INSERT_PHASE.execute(
+            conn, [{"b_run": row.id, "b_num": n, "b_label": lb} for n, lb in phases]
         )
     else:  # a resumed run: its phase rows say where it stands
         rows = conn.execute(_PHASE_STATUSES, {"b_run": row.id}).all()
@@ -699,8 +738,8 @@ def _claim_row(
             return None
         known = {r.phase_num: r.status for r in rows}
     first = next(n for n, _ in phases if known.get(n) != "completed")
-    result = conn.execute(
-        _MARK_RUNNING,
+    result = _MARK_RUNNING.execute(
+        conn,
         {
             "b_run": row.id,
             "b_phase": first,
@@ -710,7 +749,7 @@ def _claim_row(
             "b_owner": owner,
         },
     ).one()
-    conn.execute(_START_PHASE, {"b_run": row.id, "b_phase": first, "b_now": result.heartbeat_at})
+    _START_PHASE.execute(conn, {"b_run": row.id, "b_phase": first, "b_now": result.heartbeat_at})
     resumed = row.started_at is not None
     return Claimed(
         row.id,
@@ -736,10 +775,10 @@ _OWNED = sa.and_(
     runs_t.c.status == RunStatus.RUNNING.value,
 )
 _THIS_PHASE = sa.and_(phases_t.c.run_id == _b("b_run"), phases_t.c.phase_num == _b("b_phase"))
-_COMPLETE_PHASE = (
+_COMPLETE_PHASE = Compiled(
     sa.update(phases_t).where(_THIS_PHASE).values(status="completed", finished_at=_b("b_now"))
 )
-_START_PHASE = (
+_START_PHASE = Compiled(
     sa.update(phases_t)
     .where(_THIS_PHASE)
     .values(
@@ -749,7 +788,7 @@ _START_PHASE = (
         finished_at=None,
     )
 )
-_ADVANCE_RUN = (
+_ADVANCE_RUN = Compiled(
     sa.update(runs_t)
     .where(_OWNED)
     .values(
@@ -762,7 +801,7 @@ _ADVANCE_RUN = (
     )
     .returning(runs_t.c.cancel_requested_at, runs_t.c.heartbeat_at.label("now"))
 )
-_COMPLETE_RUN = (
+_COMPLETE_RUN = Compiled(
     sa.update(runs_t)
     .where(_OWNED)
     .values(
@@ -776,7 +815,7 @@ _COMPLETE_RUN = (
 )
 # The common boundary in one statement: phase k completed, phase k+1 running.
 _is_done = phases_t.c.phase_num == _b("b_phase")
-_CROSS_BOUNDARY = (
+_CROSS_BOUNDARY = Compiled(
     sa.update(phases_t)
     .where(
         phases_t.c.run_id == _b("b_run"), phases_t.c.phase_num.in_([_b("b_phase"), _b("b_next")])
@@ -788,10 +827,12 @@ _CROSS_BOUNDARY = (
         attempts=sa.case((_is_done, phases_t.c.attempts), else_=phases_t.c.attempts + 1),
     )
 )
-_TOUCH_RUN = sa.update(runs_t).where(_OWNED).values(heartbeat_at=db_now())
-_COUNT_ATTEMPT = sa.update(phases_t).where(_THIS_PHASE).values(attempts=phases_t.c.attempts + 1)
+_TOUCH_RUN = Compiled(sa.update(runs_t).where(_OWNED).values(heartbeat_at=db_now()))
+_COUNT_ATTEMPT = Compiled(
+    sa.update(phases_t).where(_THIS_PHASE).values(attempts=phases_t.c.attempts + 1)
+)
 _is_cancel = _b("b_cancel", type_=sa.Boolean)
-_END_RUN = (
+_END_RUN = Compiled(
     sa.update(runs_t)
     .where(_OWNED)
     .values(
@@ -808,10 +849,10 @@ _END_RUN = (
     )
     .returning(runs_t.c.completed_at)
 )
-_END_PHASE = (
+_END_PHASE = Compiled(
     sa.update(phases_t).where(_THIS_PHASE).values(status=_b("b_status"), finished_at=_b("b_now"))
 )
-_CANCEL_AT_BOUNDARY = (
+_CANCEL_AT_BOUNDARY = Compiled(
     sa.update(runs_t)
     .where(runs_t.c.id == _b("b_run"))
     .values(
@@ -833,9 +874,9 @@ _PHASE_TRUTH = (
 def retry_phase(conn: Connection, *, run_id: int, owner: str, phase_num: int) -> bool:
     """Count one more attempt of the phase in flight; False if the run is not ours any more."""
     params = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num}
-    if conn.execute(_TOUCH_RUN, params).rowcount == 0:
+    if _TOUCH_RUN.execute(conn, params).rowcount == 0:
         return False
-    conn.execute(_COUNT_ATTEMPT, params)
+    _COUNT_ATTEMPT.execute(conn, params)
     return True
 
 
@@ -865,10 +906,10 @@ def finish_phase(
     """
     params: dict[str, Any] = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num}
     if next_phase is None:
-        row = conn.execute(_COMPLETE_RUN, params).first()
+        row = _COMPLETE_RUN.execute(conn, params).first()
     else:
         params.update(b_next=next_phase[0], b_label=next_phase[1])
-        row = conn.execute(_ADVANCE_RUN, params).first()
+        row = _ADVANCE_RUN.execute(conn, params).first()
     if row is None:
         raise RunLost(f"run {run_id} is no longer owned by this runner")
     params["b_now"] = row.now
@@ -877,13 +918,13 @@ def finish_phase(
         conn, run_id=run_id, phase_num=phase_num, result=result, artifacts=published, now=row.now
     )
     if next_phase is None:
-        conn.execute(_COMPLETE_PHASE, params)
+        _COMPLETE_PHASE.execute(conn, params)
         return RunStatus.COMPLETED
     if cancel or row.cancel_requested_at is not None:
-        conn.execute(_COMPLETE_PHASE, params)
-        conn.execute(_CANCEL_AT_BOUNDARY, params)
+        _COMPLETE_PHASE.execute(conn, params)
+        _CANCEL_AT_BOUNDARY.execute(conn, params)
         return RunStatus.CANCELLED
-    conn.execute(_CROSS_BOUNDARY, params)
+    _CROSS_BOUNDARY.execute(conn, params)
     return RunStatus.RUNNING
 
 
@@ -909,12 +950,12 @@ def end_run(
         "b_error": error_message,
         "b_cancel": status is RunStatus.CANCELLED,
     }
-    row = conn.execute(_END_RUN, params).first()
+    row = _END_RUN.execute(conn, params).first()
     if row is None:
         return False
     params["b_now"] = row.completed_at
     add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
-    conn.execute(_END_PHASE, params)
+    _END_PHASE.execute(conn, params)
     return True
 
 

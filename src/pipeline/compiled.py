@@ -1,0 +1,243 @@
+"""Core statements compiled once per dialect and executed on the driver's cursor.
+
+The runner's hot path (a phase boundary, a claim, a heartbeat, creating and
+reading a run) is a handful of statements executed thousands of times.
+SQLAlchemy's per-statement path costs about 30 µs of Python on top of the
+driver's 3; a no-op phase boundary is two statements and a commit, so that
+path was most of its cost (bench "boundary cost"). :class:`Compiled` keeps
+each statement *defined* once in Core, in the module that owns it, compiles
+it once per dialect with SQLAlchemy's own compiler, and runs the compiled
+text on the DB-API cursor with SQLAlchemy's own bind and result processors
+for its types. So there is no SQL string written by hand, one definition
+serves SQLite and PostgreSQL, and values go in and come out exactly as
+``conn.execute`` would give them (``tests/test_compiled.py`` checks both).
+
+What this path keeps of SQLAlchemy's, because the project relies on it:
+
+* the transaction stays SQLAlchemy's (``with conn.begin():``), and the
+  ``before_cursor_execute`` listeners are called, so SQLite's deferred
+  ``BEGIN IMMEDIATE`` and its write gate (``pipeline.db``) work as before,
+  and tracing listeners (the benchmarks') see every statement;
+* a driver error becomes the same ``sqlalchemy.exc.DBAPIError`` subclass,
+  and a lost connection invalidates the ``Connection`` as SQLAlchemy does,
+  so ``db.translate_errors`` and the runner's reconnect logic see no
+  difference.
+
+Outside a transaction (SQLAlchemy would autobegin), and for statements it
+cannot run this way (expanding ``IN`` lists, Python-side column defaults), it
+hands the statement to ``conn.execute``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
+
+Processor = Callable[[Any], Any]
+Statement = sa.Insert | sa.Update | sa.Delete | sa.Select[Any]
+
+
+class Rows:
+    """What a statement returned: its rows (named tuples) and the rows it changed."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def first(self) -> Any | None:
+        return self.rows[0] if self.rows else None
+
+    def one(self) -> Any:
+        if not self.rows:
+            raise sa.exc.NoResultFound("no row was found when one was required")
+        if len(self.rows) > 1:
+            raise sa.exc.MultipleResultsFound("multiple rows were found when one was required")
+        return self.rows[0]
+
+    def all(self) -> list[Any]:
+        return self.rows
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+
+class _Form:
+    """One statement compiled for one dialect, with what it needs to bind and read."""
+
+    __slots__ = (
+        "binders",
+        "fixed",
+        "keys",
+        "names",
+        "positional",
+        "readers",
+        "row",
+        "sql",
+        "types",
+    )
+
+    def __init__(self, compiled: SQLCompiler, dialect: Dialect) -> None:
+        self.sql = compiled.string
+        self.positional = bool(compiled.positional)
+        # The rendered name of each bind, its fixed value (a literal in the
+        # statement) or the caller's key, and its type's processor.
+        if compiled.escaped_bind_names:
+            raise _Unsupported("bind names that need escaping")
+        self.fixed: dict[str, Any] = {}
+        self.keys: dict[str, str] = {}
+        self.binders: dict[str, Processor] = {}
+        for bind, name in compiled.bind_names.items():
+            if bind.callable is not None:
+                raise _Unsupported(f"bind {bind.key!r} has a callable value")
+            if bind.required:
+                self.keys[name] = bind.key
+            else:
+                self.fixed[name] = bind.effective_value
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                self.binders[name] = processor
+        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        columns = compiled._result_columns  # SQLAlchemy's own list of what a row holds
+        self.row: Any = NamedTuple("Row", [(c.keyname, Any) for c in columns]) if columns else None
+        self.types = [c.type for c in columns]
+        self.readers: list[Processor | None] | None = None  # from the first cursor.description
+
+
+class _Unsupported(Exception):
+    """A statement :class:`Compiled` hands to ``conn.execute`` instead."""
+
+
+class Compiled:
+    """A Core statement, compiled once per dialect, run on the DB-API cursor.
+
+    ``params`` are keyed as ``conn.execute`` would take them (the
+    ``bindparam`` names); a list of mappings is an executemany.
+    """
+
+    __slots__ = ("_forms", "statement")
+
+    def __init__(self, statement: Statement) -> None:
+        self.statement = statement
+        self._forms: dict[str, _Form | None] = {}
+
+    def form(self, dialect: Dialect) -> _Form | None:
+        """This statement compiled for ``dialect``; None when it must go through SQLAlchemy."""
+        key = f"{dialect.name}+{dialect.driver}"
+        try:
+            return self._forms[key]
+        except KeyError:
+            pass
+        compiled = self.statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        form: _Form | None
+        if (
+            compiled.insert_prefetch
+            or compiled.update_prefetch
+            or compiled.post_compile_params
+            or compiled.literal_execute_params
+        ):
+            form = None
+        else:
+            try:
+                form = _Form(compiled, dialect)
+            except _Unsupported:
+                form = None
+        self._forms[key] = form
+        return form
+
+    def execute(
+        self, conn: Connection, params: Mapping[str, Any] | Sequence[Mapping[str, Any]] = {}
+    ) -> Rows:
+        form = self.form(conn.dialect)
+        if form is None or not conn.in_transaction():
+            return _through_sqlalchemy(conn, self.statement, params)
+        many = not isinstance(params, Mapping)
+        bound: Any
+        if isinstance(params, Mapping):
+            bound = _bind(form, params)
+        else:
+            bound = [_bind(form, p) for p in params]
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        cursor = dbapi_conn.cursor()
+        try:
+            before = conn.dispatch.before_cursor_execute
+            if before:
+                before(conn, cursor, form.sql, bound, None, many)
+            if many:
+                cursor.executemany(form.sql, bound)
+            else:
+                cursor.execute(form.sql, bound)
+            rows = _fetch(form, conn.dialect, cursor) if cursor.description else []
+            return Rows(rows, cursor.rowcount)
+        except conn.dialect.loaded_dbapi.Error as exc:
+            raise _wrapped(conn, exc, form.sql, bound, cursor) from exc
+        finally:
+            cursor.close()
+
+
+def _bind(form: _Form, params: Mapping[str, Any]) -> Any:
+    values = dict(form.fixed)
+    for name, key in form.keys.items():
+        values[name] = params[key]
+    for name, processor in form.binders.items():
+        values[name] = processor(values[name])
+    if form.positional:
+        return tuple(values[n] for n in form.names)
+    return values
+
+
+def _fetch(form: _Form, dialect: Dialect, cursor: Any) -> list[Any]:
+    raw = cursor.fetchall()
+    readers = form.readers
+    if readers is None:  # the driver's type codes are known once a cursor has run
+        readers = form.readers = [
+            type_.dialect_impl(dialect).result_processor(dialect, column[1])
+            for type_, column in zip(form.types, cursor.description, strict=True)
+        ]
+    make = form.row
+    assert make is not None
+    if not any(readers):
+        return [make(*r) for r in raw]
+    return [
+        make(
+            *[
+                value if read is None else read(value)
+                for read, value in zip(readers, r, strict=True)
+            ]
+        )
+        for r in raw
+    ]
+
+
+def _wrapped(conn: Connection, exc: Any, sql: str, params: Any, cursor: Any) -> sa.exc.DBAPIError:
+    """The error SQLAlchemy would raise, with the connection invalidated if it was lost."""
+    dialect = conn.dialect
+    lost = dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+    if lost:
+        conn.invalidate(exc)
+    error: sa.exc.DBAPIError = sa.exc.DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        dialect.loaded_dbapi.Error,
+        connection_invalidated=lost,
+        dialect=dialect,
+    )
+    return error
+
+
+def _through_sqlalchemy(
+    conn: Connection,
+    statement: Statement,
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+) -> Rows:
+    result = conn.execute(statement, params)
+    rows = list(result) if result.returns_rows else []
+    return Rows(rows, result.rowcount)

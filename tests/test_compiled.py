@@ -1,0 +1,218 @@
+"""The compiled hot path (``pipeline.compiled``) agrees with SQLAlchemy's own execution.
+
+Every statement the runner, the API's GET and the heartbeat run on the
+DB-API cursor is defined once in Core; these tests hold that its compiled
+text is the Core definition's, that it gives the same rows and values as
+``conn.execute``, and that errors, transactions and listeners behave as they
+do through SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from pipeline import artifacts, db, liveness, runs
+from pipeline.compiled import Compiled
+from pipeline.orchestrator import Executor
+
+from .conftest import wait_for
+
+HOT_MODULES = (runs, artifacts, liveness)
+DIALECTS = (sqlite.dialect(), postgresql.psycopg.dialect())
+
+
+def _hot_statements() -> dict[str, Compiled]:
+    found = {
+        f"{module.__name__}.{name}": value
+        for module in HOT_MODULES
+        for name, value in vars(module).items()
+        if isinstance(value, Compiled)
+    }
+    found["runs._next_queued"] = runs._next_queued(("a", "b"))
+    return found
+
+
+def test_the_hot_path_is_what_the_issue_names():
+    """Boundary, claim, heartbeat, create and get are all compiled statements."""
+    names = set(_hot_statements())
+    for name in (
+        "pipeline.runs._ADVANCE_RUN",
+        "pipeline.runs._CROSS_BOUNDARY",
+        "pipeline.runs._COMPLETE_RUN",
+        "pipeline.runs._MARK_RUNNING",
+        "pipeline.runs._INSERT_PHASE",
+        "pipeline.runs._CREATE_RUN",
+        "pipeline.runs._GET_RUN",
+        "pipeline.runs._PHASES_OF_RUN",
+        "pipeline.liveness._BEAT",
+        "runs._next_queued",
+    ):
+        assert name in names
+
+
+@pytest.mark.parametrize("dialect", DIALECTS, ids=lambda d: d.name)
+def test_every_hot_statement_compiles_to_its_core_definition(dialect):
+    """Each one has a compiled form (none falls back) whose text is the Core statement's."""
+    for name, compiled in _hot_statements().items():
+        form = compiled.form(dialect)
+        assert form is not None, f"{name} would go through conn.execute on {dialect.name}"
+        assert form.sql == str(compiled.statement.compile(dialect=dialect)), name
+        core = compiled.statement.compile(dialect=dialect)
+        assert set(form.keys.values()) | set(form.fixed) >= {
+            bind.key for bind in core.binds.values() if bind.required
+        }, name
+
+
+def test_statements_it_cannot_run_go_through_sqlalchemy(engine):
+    """An expanding IN list has no fixed text: it is handed to conn.execute, same answer."""
+    table = sa.table("analysis_runs", sa.column("id"))
+    expanding = Compiled(
+        sa.select(table.c.id).where(table.c.id.in_(sa.bindparam("ids", expanding=True)))
+    )
+    assert expanding.form(engine.dialect) is None
+    with db.write(engine) as conn:
+        made = [runs.create_run(conn, params={}).id for _ in range(3)]
+        got = expanding.execute(conn, {"ids": made[:2]}).all()
+    assert sorted(r.id for r in got) == made[:2]
+
+
+def _a_finished_run(url: str) -> int:
+    """A run with phases, warnings, a result and an artifact: every column has a value."""
+
+    def first(conn, ctx):
+        ctx.warn("a warning")
+        ctx.artifact("table", table={"columns": ["a"], "rows": [[1]]})
+        return {"answer": 42}
+
+    def second(conn, ctx):
+        return None
+
+    executor = Executor(url, [(1, "First", first), (2, "Second", second)])
+    try:
+        engine = db.create_engine(url)
+        with db.write(engine) as conn:
+            run_id = runs.create_run(conn, params={"n": 1, "nested": {"x": [1, 2]}}).id
+        executor.wake(1)
+        wait_for(lambda: _status(engine, run_id) == "completed", timeout=30)
+        engine.dispose()
+    finally:
+        executor.shutdown()
+    return run_id
+
+
+def _status(engine: sa.Engine, run_id: int) -> str | None:
+    with db.read(engine) as conn:
+        run = runs.get_run_row(conn, run_id=run_id)
+    return None if run is None else run.status.value
+
+
+def test_compiled_reads_give_what_sqlalchemy_gives(db_url, engine):
+    """Same rows, same Python values and types (aware datetimes, JSON) on both paths."""
+    run_id = _a_finished_run(db_url)
+    reads = {
+        name: compiled
+        for name, compiled in _hot_statements().items()
+        if isinstance(compiled.statement, sa.Select) and name != "runs._next_queued"
+    }
+    params = {"b_run": run_id, "b_owner": None, "b_after": 0}
+    with db.read(engine) as conn:
+        for name, compiled in reads.items():
+            form = compiled.form(conn.dialect)
+            assert form is not None
+            wanted = {k: params[k] for k in form.keys.values()}
+            fast = [tuple(r) for r in compiled.execute(conn, wanted).all()]
+            slow = [tuple(r) for r in conn.execute(compiled.statement, wanted)]
+            assert fast == slow, name
+            assert [[type(v) for v in r] for r in fast] == [[type(v) for v in r] for r in slow]
+        run = runs.get_run(conn, run_id=run_id)
+    assert run is not None
+    assert run.params == {"n": 1, "nested": {"x": [1, 2]}}
+    assert run.created_at.tzinfo is not None
+    assert run.completed_at is not None
+    assert [p.status for p in run.phases] == ["completed", "completed"]
+    assert run.phases[0].has_result
+    assert [a.key for a in run.artifacts] == ["table"]
+    assert [w.message for w in run.warnings] == ["a warning"]
+
+
+def test_a_constraint_violation_is_sqlalchemys_integrity_error(db_url, engine):
+    with db.write(engine) as conn:
+        run_id = runs.create_run(conn, params={}).id
+        rows = [{"b_run": run_id, "b_num": 1, "b_label": "One"}]
+        runs._INSERT_PHASE.execute(conn, rows)
+    with pytest.raises(sa.exc.IntegrityError), db.write(engine) as conn:
+        runs._INSERT_PHASE.execute(conn, rows)
+    with db.read(engine) as conn:  # the failed transaction left nothing
+        run = runs.get_run(conn, run_id=run_id)
+    assert run is not None
+    assert len(run.phases) == 1
+
+
+def test_listeners_see_compiled_statements(engine):
+    """Tracing listeners (the benchmarks', a user's) see every statement, as with conn.execute."""
+    seen: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda c, cur, sql, *a: seen.append(sql))
+    with db.write(engine) as conn:
+        runs.create_run(conn, params={})
+    assert any(sql.startswith("INSERT INTO analysis_runs") for sql in seen)
+
+
+def test_a_compiled_write_takes_sqlites_write_lock_first(sqlite_url):
+    """The deferred BEGIN IMMEDIATE is sent before a compiled first statement, too."""
+    engine = db.create_engine(sqlite_url, busy_timeout_ms=100)
+    path = sqlite_url.removeprefix("sqlite:///")
+    try:
+        with db.write(engine) as conn:
+            runs.create_run(conn, params={})
+            other = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            other.close()
+    finally:
+        engine.dispose()
+
+
+def test_a_locked_sqlite_database_is_database_busy(sqlite_url):
+    """Another process holds the write lock: the compiled write fails as DatabaseBusy."""
+    engine = db.create_engine(sqlite_url, busy_timeout_ms=50)
+    path = sqlite_url.removeprefix("sqlite:///")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(db.DatabaseBusy), db.write(engine) as conn:
+            runs.create_run(conn, params={})
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    with db.write(engine) as conn:  # the gate and the connection are usable again
+        assert runs.create_run(conn, params={}).id
+    engine.dispose()
+
+
+def test_a_lost_postgresql_connection_is_invalidated_and_unavailable(db_url, engine):
+    """The backend is killed mid-transaction: DatabaseUnavailable, and the connection is dropped."""
+    if db.is_sqlite(engine):
+        pytest.skip("a lost connection to a database server (PostgreSQL)")
+    pg_engine = engine
+    conn = pg_engine.connect()
+    try:
+        tx = conn.begin()
+        _terminate(pg_engine, conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        with pytest.raises(db.DatabaseUnavailable), db.translate_errors():
+            runs.create_run(conn, params={})
+        assert conn.invalidated
+        tx.rollback()
+    finally:
+        conn.close()
+    with db.write(pg_engine) as fresh:  # the pool hands out a working connection
+        assert runs.create_run(fresh, params={}).id
+
+
+def _terminate(engine: sa.Engine, pid: int) -> None:
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        conn.commit()
