@@ -26,7 +26,7 @@ from typing import Any
 
 import sqlalchemy
 
-from bench import fanout, orchestration, postgres, service_load, watching
+from bench import fanout, orchestration, pg_scale, postgres, service_load, watching
 from bench.common import ROOT, Row, Workdir, format_table
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, Callable[[Workdir, bool], list[Row]]] = {
     **fanout.BENCHMARKS,
     **watching.BENCHMARKS,
     **postgres.BENCHMARKS,
+    **pg_scale.BENCHMARKS,
 }
 
 
@@ -116,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     plans = [row.extra["plans"] for row in rows if "plans" in row.extra]
     if plans:
-        print("\nQuery plans of GET /runs (EXPLAIN QUERY PLAN, largest database):")
+        print("\nQuery plans (SQLite: EXPLAIN QUERY PLAN; PostgreSQL: EXPLAIN), largest database:")
         for found in plans:
             for query, lines in found.items():
                 print(f"  {query}:")

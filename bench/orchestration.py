@@ -274,8 +274,8 @@ def bench_boundary(workdir: Workdir, quick: bool) -> list[Row]:
     rows = []
     trace = trace_run(workdir)
     for sync, n, limit in (
-        ("NORMAL", 500 if quick else 2000, 3.0),
-        ("FULL", 100 if quick else 300, 1.5),
+        ("NORMAL", 500 if quick else 2000, 2.0),
+        ("FULL", 100 if quick else 300, 1.2),
     ):
         whole_p: list[float] = []
         whole_r: list[float] = []

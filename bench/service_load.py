@@ -334,7 +334,7 @@ def bench_api(workdir: Workdir, quick: bool) -> list[Row]:
             pipeline=series("idle_get", "server_cpu_us_per_request"),
             reference=series("idle_trivial", "server_cpu_us_per_request"),
             ref_name="no-db endpoint",
-            target=Target("<=", 3.0),
+            target=Target("<=", 2.0),
             note="reference: GET /bench/trivial, {'status': 'ok'} in the same thread pool",
             extra={"windows": samples},
         ),

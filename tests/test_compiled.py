@@ -118,7 +118,7 @@ def test_compiled_reads_give_what_sqlalchemy_gives(db_url, engine):
         for name, compiled in _hot_statements().items()
         if isinstance(compiled.statement, sa.Select) and name != "runs._next_queued"
     }
-    params = {"b_run": run_id, "b_owner": None, "b_after": 0}
+    params = {"b_run": run_id, "b_owner": None, "b_after": 0, "b_limit": 10}
     with db.read(engine) as conn:
         for name, compiled in reads.items():
             form = compiled.form(conn.dialect)

@@ -171,6 +171,8 @@ class RunContext:
         # (phase_num, current, total): one tuple, replaced whole, so the
         # heartbeat thread and the API read it without a lock.
         self._progress: tuple[int, int | None, int | None] = (0, None, None)
+        # The next run, claimed by the runner in this run's last transaction.
+        self._chained: runs.Claimed | None = None
 
     def warn(self, message: str) -> None:
         """Record a non-fatal problem; it is kept even if the phase fails later."""
@@ -532,15 +534,27 @@ class Executor:
                 liveness.EXECUTING.release(self.url, run_id)
         if claimed is None:
             return False
-        if run_id is None:
-            thread.name = f"pipeline-run-{claimed.run_id}"
-        try:
-            self._execute(conn, claimed, owner)
-        finally:  # from now on a run still running with us as owner is lost
-            liveness.EXECUTING.release(self.url, claimed.run_id)
+        # A pool runner claims its next run in the transaction that completes
+        # this one (one commit fewer per run); a reserved run is its thread's only one.
+        chain = (lambda: runs.claim(conn, owner=owner, phases=labels)) if run_id is None else None
+        while claimed is not None:
+            if run_id is None:
+                thread.name = f"pipeline-run-{claimed.run_id}"
+            current, claimed = claimed, None
+            try:
+                claimed = self._execute(conn, current, owner, chain)
+            finally:  # from now on a run still running with us as owner is lost
+                liveness.EXECUTING.release(self.url, current.run_id)
         return True
 
-    def _execute(self, conn: Connection, claimed: runs.Claimed, owner: str) -> None:
+    def _execute(
+        self,
+        conn: Connection,
+        claimed: runs.Claimed,
+        owner: str,
+        chain: Callable[[], runs.Claimed | None] | None = None,
+    ) -> runs.Claimed | None:
+        """Execute the run; returns the next run, claimed when this one completed (``chain``)."""
         chosen = self.pipelines[claimed.pipeline]  # claims take only runs of these
         registry = chosen.phases
         ctx = RunContext(
@@ -563,13 +577,20 @@ class Executor:
                 num, label, fn = registry[index]
                 following = registry[index + 1] if index + 1 < len(registry) else None
                 ctx._enter_phase(num, label)
-                status = self._attempt_phase(conn, ctx, fn, owner, following)
+                status = self._attempt_phase(
+                    conn, ctx, fn, owner, following, chain if following is None else None
+                )
                 if status is RunStatus.COMPLETED:
                     ctx.logger.info("run completed")
                 if status is RunStatus.CANCELLED:
                     ctx.logger.info("run cancelled at the boundary after phase %d", num)
                 if status is not RunStatus.RUNNING:
-                    return
+                    break
+            chained, ctx._chained = ctx._chained, None
+            return chained
+        except BaseException:
+            self._drop_chained(ctx)
+            raise
         finally:
             with self._lock:
                 self._active.pop(claimed.run_id, None)
@@ -584,11 +605,14 @@ class Executor:
         fn: PhaseFn,
         owner: str,
         following: Phase | None,
+        chain: Callable[[], runs.Claimed | None] | None = None,
     ) -> RunStatus | None:
         """Run the phase, again after a retryable failure.
 
         Returns the run's status after it: running (next phase), completed,
-        cancelled or failed; None when the run is not ours any more.
+        cancelled or failed; None when the run is not ours any more. With
+        ``chain`` (the last phase of a pool runner's run), the next run is
+        claimed in the phase's transaction and left in ``ctx._chained``.
         """
         policy = retry_policy(fn)
         attempt = 1
@@ -597,16 +621,18 @@ class Executor:
         while True:
             attempt_started = time.monotonic()
             try:
-                status = self._run_phase(conn, ctx, fn, owner, following)
+                status = self._run_phase(conn, ctx, fn, owner, following, chain)
             except BaseException as exc:
                 if isinstance(exc, db.DatabaseUnavailable):
                     try:
                         committed = self._committed_after_all(conn, ctx, owner)
                     except Exception as truth:  # not ours any more, or still unreachable
+                        self._drop_chained(ctx)
                         return self._record_end(conn, ctx, owner, truth)
-                    if committed is not None:
+                    if committed is not None:  # and the next run's claim with it
                         ctx._committed()
                         return committed
+                self._drop_chained(ctx)  # rolled back with the phase
                 kind = self._retry_kind(policy, exc, retried)
                 if kind is None:
                     return self._record_end(conn, ctx, owner, exc)
@@ -668,6 +694,7 @@ class Executor:
         fn: PhaseFn,
         owner: str,
         following: Phase | None,
+        chain: Callable[[], runs.Claimed | None] | None = None,
     ) -> RunStatus:
         ctx.logger.info("phase started: %s", ctx.phase_label)
         ctx._begin_attempt()
@@ -679,7 +706,7 @@ class Executor:
                     f"phase {ctx.phase_num} ({ctx.phase_label}) committed, rolled back or closed "
                     "the connection it was given; a phase must leave its transaction to the runner"
                 )
-            return runs.finish_phase(
+            status = runs.finish_phase(
                 conn,
                 run_id=ctx.run_id,
                 owner=owner,
@@ -690,6 +717,18 @@ class Executor:
                 result=ctx._result,
                 published=list(ctx._staged.values()),
             )
+            if status is RunStatus.COMPLETED and chain is not None and not self._stopping.is_set():
+                # Held inside the transaction, as a claim of its own is.
+                ctx._chained = chain()
+                if ctx._chained is not None:
+                    liveness.EXECUTING.hold(self.url, ctx._chained.run_id)
+            return status
+
+    def _drop_chained(self, ctx: RunContext) -> None:
+        """The transaction that claimed the next run did not commit: forget that run."""
+        chained, ctx._chained = ctx._chained, None
+        if chained is not None:
+            liveness.EXECUTING.release(self.url, chained.run_id)
 
     def _record_end(
         self, conn: Connection, ctx: RunContext, owner: str, exc: BaseException
