@@ -476,7 +476,9 @@ class Executor:
         engine: Engine | None = None
         conn: Connection | None = None
         try:
-            engine = db.create_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
+            engine = db.create_engine(
+                self.url, busy_timeout_ms=self.busy_timeout_ms, background=True
+            )
             conn = engine.connect()
             if reserved is not None:
                 self._claim_and_execute(conn, run_id=reserved[0], owner=reserved[1])
