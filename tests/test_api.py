@@ -1146,3 +1146,32 @@ def test_an_empty_token_setting_is_refused():
 
     with pytest.raises(ValidationError, match="empty"):
         Settings(api_token="  ")  # noqa: S106 - the point is an empty token
+
+
+def test_get_run_on_sqlite_answers_while_the_thread_pool_is_taken(h_sqlite: Harness) -> None:
+    """SQLite's GET /runs/{id} reads on the event loop: no thread-pool hop, no wait for one.
+
+    Every token of the thread pool is taken (as by slow requests); the GET
+    still answers at once. (Its cost: bench "API", server CPU per request.)
+    """
+    import anyio.to_thread
+
+    with h_sqlite.serve() as client:
+        run_id = post_run(client)["id"]
+        limiter = client.portal.call(anyio.to_thread.current_default_thread_limiter)
+        tokens = limiter.total_tokens
+        borrower = object()
+        client.portal.call(limiter.acquire_on_behalf_of, borrower)
+        client.portal.call(setattr, limiter, "total_tokens", 1)
+        answer: dict[str, Any] = {}
+        reader = threading.Thread(target=lambda: answer.update(r=client.get(f"/runs/{run_id}")))
+        try:
+            reader.start()
+            reader.join(WAIT)
+            assert not reader.is_alive(), "GET /runs/{id} waited for the thread pool"
+            assert answer["r"].status_code == 200
+            assert answer["r"].json()["id"] == run_id
+        finally:
+            client.portal.call(limiter.release_on_behalf_of, borrower)
+            client.portal.call(setattr, limiter, "total_tokens", tokens)
+            reader.join(WAIT)

@@ -60,8 +60,10 @@ class Service:
         self.settings = settings
         self.execute = settings.executor == "thread" if execute is None else execute
         source = load_pipelines(settings.phases) if registry is None else registry
-        # Requests run in FastAPI's thread pool: keep enough connections open
-        # that a burst of them does not reconnect (and re-run the pragmas).
+        # Requests run in FastAPI's thread pool (40 threads): keep enough
+        # connections open that a burst of them does not reconnect (and re-run
+        # the pragmas), and more than the pool's threads can hold, so that a
+        # read on the event loop (SQLite's GET /runs/{id}) never waits for one.
         # No request may wait on a phase's locks: on PostgreSQL a lock still
         # held after the busy timeout makes the request a 503, as on SQLite.
         self.engine: Engine = db.create_engine(
@@ -69,7 +71,7 @@ class Service:
             busy_timeout_ms=settings.busy_timeout_ms,
             lock_timeout_ms=settings.busy_timeout_ms,
             pool_size=10,
-            max_overflow=30,
+            max_overflow=40,
         )
         self.metrics = Metrics()
         self.metrics.watch_database(self._count_by_status)
