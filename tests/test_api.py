@@ -1158,11 +1158,13 @@ def test_get_run_on_sqlite_answers_while_the_thread_pool_is_taken(h_sqlite: Harn
 
     with h_sqlite.serve() as client:
         run_id = post_run(client)["id"]
-        limiter = client.portal.call(anyio.to_thread.current_default_thread_limiter)
+        portal = client.portal
+        assert portal is not None
+        limiter = portal.call(anyio.to_thread.current_default_thread_limiter)
         tokens = limiter.total_tokens
         borrower = object()
-        client.portal.call(limiter.acquire_on_behalf_of, borrower)
-        client.portal.call(setattr, limiter, "total_tokens", 1)
+        portal.call(limiter.acquire_on_behalf_of, borrower)
+        portal.call(setattr, limiter, "total_tokens", 1)
         answer: dict[str, Any] = {}
         reader = threading.Thread(target=lambda: answer.update(r=client.get(f"/runs/{run_id}")))
         try:
@@ -1172,6 +1174,6 @@ def test_get_run_on_sqlite_answers_while_the_thread_pool_is_taken(h_sqlite: Harn
             assert answer["r"].status_code == 200
             assert answer["r"].json()["id"] == run_id
         finally:
-            client.portal.call(limiter.release_on_behalf_of, borrower)
-            client.portal.call(setattr, limiter, "total_tokens", tokens)
+            portal.call(limiter.release_on_behalf_of, borrower)
+            portal.call(setattr, limiter, "total_tokens", tokens)
             reader.join(WAIT)
