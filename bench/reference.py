@@ -30,7 +30,6 @@ CLAIM_SELECT_NEXT = (
     "WHERE analysis_runs.status = ? AND analysis_runs.owner IS NULL "
     "ORDER BY analysis_runs.id LIMIT ? OFFSET ?"
 )
-KNOWN_PHASES = "SELECT run_phases.phase_num, run_phases.status FROM run_phases WHERE run_id = ?"
 INSERT_PHASES = (
     "INSERT INTO run_phases (run_id, phase_num, label, status, attempts) VALUES (?, ?, ?, ?, ?)"
 )
@@ -94,10 +93,8 @@ def claim(
         return None
     run_id = int(row[0])
     now = sql_now()
-    known = dict(conn.execute(KNOWN_PHASES, (run_id,)).fetchall())
-    conn.executemany(
-        INSERT_PHASES, [(run_id, n, lb, "pending", 0) for n, lb in labels if n not in known]
-    )
+    # A fresh run (as every run here is) has no phase rows to read: they are inserted.
+    conn.executemany(INSERT_PHASES, [(run_id, n, lb, "pending", 0) for n, lb in labels])
     first, label = labels[0]
     conn.execute(
         MARK_RUNNING,

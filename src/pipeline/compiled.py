@@ -78,6 +78,7 @@ class _Form:
         "positional",
         "readers",
         "row",
+        "slots",
         "sql",
         "types",
     )
@@ -102,7 +103,17 @@ class _Form:
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 self.binders[name] = processor
-        self.names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        self.names: tuple[str, ...] = tuple(
+            compiled.positiontup or () if self.positional else compiled.bind_names.values()
+        )
+        # Per parameter sent, in order: the caller's key and its processor, or
+        # the fixed value, processed once here.
+        self.slots: tuple[tuple[str | None, Any, Processor | None], ...] = tuple(
+            (self.keys[n], None, self.binders.get(n))
+            if n in self.keys
+            else (None, _processed(self.binders.get(n), self.fixed[n]), None)
+            for n in self.names
+        )
         columns = compiled._result_columns  # SQLAlchemy's own list of what a row holds
         self.row: Any = NamedTuple("Row", [(c.keyname, Any) for c in columns]) if columns else None
         self.types = [c.type for c in columns]
@@ -182,15 +193,17 @@ class Compiled:
             cursor.close()
 
 
+def _processed(processor: Processor | None, value: Any) -> Any:
+    return value if processor is None else processor(value)
+
+
 def _bind(form: _Form, params: Mapping[str, Any]) -> Any:
-    values = dict(form.fixed)
-    for name, key in form.keys.items():
-        values[name] = params[key]
-    for name, processor in form.binders.items():
-        values[name] = processor(values[name])
-    if form.positional:
-        return tuple(values[n] for n in form.names)
-    return values
+    values = []
+    for key, value, processor in form.slots:
+        if key is not None:
+            value = params[key] if processor is None else processor(params[key])
+        values.append(value)
+    return tuple(values) if form.positional else dict(zip(form.names, values, strict=True))
 
 
 def _fetch(form: _Form, dialect: Dialect, cursor: Any) -> list[Any]:
