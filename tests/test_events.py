@@ -245,3 +245,35 @@ def test_events_need_the_token(db_url):
             client.stream("GET", "/events", headers=headers) as response,
         ):
             assert response.status_code == 200
+
+
+def test_a_change_made_elsewhere_reaches_the_stream_at_once_on_postgresql(db_url):
+    """Another process's change is told by NOTIFY: no waiting for the watcher's poll.
+
+    The server executes nothing and its watcher polls once a minute; a run
+    cancelled through another engine (a worker, the CLI) is still sent within
+    seconds, and the watcher looked a few times, not once per statement.
+    """
+    from pipeline import db, runs
+
+    if sa.make_url(db_url).get_backend_name() == "sqlite":
+        import pytest
+
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's (one SQLite file has one server)")
+    with serving(db_url, executor="worker") as (server, app):
+        watcher = app.state.watcher
+        watcher._interval = 60.0
+        wait_for(lambda: app.state.service.listener.listening.is_set())
+        listener = Listener(server.url)
+        engine = db.create_engine(db_url)
+        try:
+            run = post(server, "alpha")
+            listener.until(lambda r: r["id"] == run["id"] and r["status"] == "queued")
+            looks = watcher.looks
+            with db.write(engine) as conn:
+                assert runs.request_cancel(conn, run_id=run["id"]) is runs.Outcome.DONE
+            listener.until(lambda r: r["id"] == run["id"] and r["status"] == "cancelled", 10)
+            assert 1 <= watcher.looks - looks <= 5
+        finally:
+            listener.close()
+            engine.dispose()

@@ -916,6 +916,7 @@ def create_app(
     app.state.service = service
     app.state.stream_slots = stream_slots
     app.state.watcher = watcher_for(service)
+    service.on_runs_changed(app.state.watcher.wake)
     app.include_router(create_router(service, stream_slots=stream_slots, watcher=app.state.watcher))
     # The last added is the outermost: even a refused Host gets the headers.
     app.add_middleware(

@@ -1,9 +1,12 @@
-"""Wake-ups on PostgreSQL: ``LISTEN`` for runs that became claimable.
+"""Wake-ups on PostgreSQL: ``LISTEN`` for runs that became claimable, or changed.
 
 Migration 0006's trigger sends ``NOTIFY pipeline_runs_queued`` whenever a run
-is created, resumed or requeued (whoever did it); a :class:`Listener` thread
-in each executing server and worker holds one connection that listens, and
-wakes the executor at once. The poll (``PIPELINE_POLL_SECONDS``) stays the
+is created, resumed or requeued (whoever did it); migration 0007's sends
+``NOTIFY pipeline_runs_changed`` whenever a statement changes runs. A
+:class:`Listener` thread in each server and worker holds one connection that
+listens to the channels its process has a use for: an executor wakes at once
+for a queued run, and the shared watcher of ``GET /events`` (``pipeline.watch``)
+looks at once when a worker elsewhere moved a run on. The polls stay the
 fallback: a lost listener connection is reconnected, and until then nothing
 is missed but a second or so.
 """
@@ -14,7 +17,7 @@ import logging
 import os
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import psycopg
 import sqlalchemy as sa
@@ -22,6 +25,7 @@ import sqlalchemy as sa
 log = logging.getLogger("pipeline.notify")
 
 CHANNEL = "pipeline_runs_queued"
+CHANGED = "pipeline_runs_changed"
 # The listening thread waits on its connection's socket and on a pipe that
 # stop() writes to, so it ends (and closes its connection) at once.
 WAIT_SECONDS = 5.0
@@ -36,15 +40,16 @@ def conninfo(url: str) -> str:
 
 
 class Listener:
-    """A daemon thread that calls ``on_queued`` when notified (and after a reconnect).
+    """A daemon thread that calls a channel's callback when notified (and after a reconnect).
 
-    Notifications that arrive together wake the executor once: it counts
-    what is claimable anyway.
+    ``channels`` maps channel names to callbacks. Notifications that arrive
+    together call each callback once: what they wake (an executor, a watcher)
+    looks at the database anyway.
     """
 
-    def __init__(self, url: str, on_queued: Callable[[], None]) -> None:
+    def __init__(self, url: str, channels: Mapping[str, Callable[[], None]]) -> None:
         self._conninfo = conninfo(url)
-        self._on_queued = on_queued
+        self._channels = dict(channels)
         self._stop = threading.Event()
         self._stop_read, self._stop_write = os.pipe()
         self._thread = threading.Thread(target=self._loop, name="pipeline-listener", daemon=True)
@@ -71,16 +76,18 @@ class Listener:
                 with psycopg.connect(
                     self._conninfo, autocommit=True, application_name=APPLICATION_NAME
                 ) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                    for channel in self._channels:
+                        conn.execute(f"LISTEN {channel}")
                     self.listening.set()
                     if failures:
-                        log.info("listening for queued runs again")
-                        self._wake()  # runs queued while we were away
+                        log.info("listening for changes to runs again")
+                        self._wake(set(self._channels))  # what happened while we were away
                     failures = 0
                     while not self._stop.is_set():
                         # What arrived (or was read along with LISTEN's answer), then wait.
-                        if list(conn.notifies(timeout=0)):  # drained: one wake for all
-                            self._wake()
+                        arrived = {n.channel for n in conn.notifies(timeout=0)}
+                        if arrived:  # drained: one wake per channel for all
+                            self._wake(arrived)
                         select.select([conn.fileno(), self._stop_read], [], [], WAIT_SECONDS)
             except psycopg.Error as exc:
                 self.listening.clear()
@@ -88,12 +95,13 @@ class Listener:
                     return
                 delay = RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)]
                 if failures == 0:
-                    log.warning("listening for queued runs failed (%s); polling meanwhile", exc)
+                    log.warning("listening for changes to runs failed (%s); polling meanwhile", exc)
                 failures += 1
                 self._stop.wait(delay)
 
-    def _wake(self) -> None:
-        try:
-            self._on_queued()
-        except Exception:
-            log.exception("waking the executor failed")
+    def _wake(self, channels: set[str]) -> None:
+        for channel in sorted(channels):
+            try:
+                self._channels[channel]()
+            except Exception:
+                log.exception("waking for %s failed", channel)

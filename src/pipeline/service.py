@@ -17,7 +17,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from pipeline import artifacts, db, retention, runs, schedules
+from pipeline import artifacts, db, notify, retention, runs, schedules
 from pipeline.config import Settings
 from pipeline.metrics import Metrics
 from pipeline.notify import Listener
@@ -91,12 +91,22 @@ class Service:
         # Runs resumed here since the shared watcher last looked: a resumed run
         # can end before the next look, and must still be seen (pipeline.watch).
         self._resumed: set[int] = set()
-        # PostgreSQL tells an executing process of new runs at once (pipeline.notify).
+        # PostgreSQL tells this process of new runs and of changed ones at once
+        # (pipeline.notify), on the channels it has a use for.
         self.listener: Listener | None = None
-        if self.execute and not db.is_sqlite(self.engine):
+        self._notified: dict[str, Callable[[], None]] = {}
+        if self.execute:
             # One notification may stand for many runs (PostgreSQL folds those of
             # one transaction): count what is claimable, as a poll does.
-            self.listener = Listener(settings.database_url, self._wake_for_queued)
+            self._notified[notify.CHANNEL] = self._wake_for_queued
+
+    def on_runs_changed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from another thread) when any process changed runs (PostgreSQL).
+
+        For ``GET /events``' shared watcher; set before :meth:`start`. SQLite
+        has no notifications (and no other server): the watcher's poll serves.
+        """
+        self._notified[notify.CHANGED] = callback
 
     # -- life cycle --
 
@@ -104,7 +114,8 @@ class Service:
         """Refuse an unmigrated database, sweep interrupted runs, start queued ones."""
         db.check_schema(self.engine)
         self.sweep()
-        if self.listener is not None:
+        if self._notified and not db.is_sqlite(self.engine):
+            self.listener = Listener(self.settings.database_url, self._notified)
             self.listener.start()
         if self.execute:
             self._wake_for_queued()

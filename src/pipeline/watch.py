@@ -4,13 +4,17 @@ While anyone listens, one task looks at the runs that can change (queued or
 running, created since, or just ended: :func:`pipeline.runs.watched_runs`)
 every ``interval`` seconds, a handful of indexed statements whatever the
 number of subscribers, and hands each change, as its event data, to every
-subscriber's queue. A subscriber that cannot keep up (its queue full) is
+subscriber's queue. On PostgreSQL it also looks as soon as it is told that
+runs changed (:meth:`Watcher.wake`, from ``pipeline.notify``), whichever
+process changed them, but never more often than every ``MIN_SPACING``
+seconds: many changes, one look. A subscriber that cannot keep up (its queue full) is
 dropped, and its stream ends: the client reconnects and reads the list again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +31,8 @@ Encode = Callable[[Run], str]
 
 # What one subscriber may have waiting before it counts as gone.
 QUEUE_SIZE = 1000
+# The shortest time between two looks, however often the database says runs changed.
+MIN_SPACING = 0.1
 
 
 @dataclass(eq=False, slots=True)
@@ -59,6 +65,8 @@ class Watcher:
         self._current: dict[int, Run] = {}
         self._newest: int | None = None
         self._starting = asyncio.Lock()
+        self._woken = asyncio.Event()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self.looks = 0
 
     @property
@@ -80,9 +88,23 @@ class Watcher:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
+    def wake(self) -> None:
+        """Runs changed: look now rather than at the next poll. Safe from any thread."""
+        event_loop = self._event_loop
+        if event_loop is not None and not event_loop.is_closed():
+            event_loop.call_soon_threadsafe(self._woken.set)
+
     async def _loop(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        last = self._event_loop.time()
         while self._subscribers:
-            await asyncio.sleep(self._interval)
+            with contextlib.suppress(TimeoutError):  # the poll: look anyway
+                await asyncio.wait_for(self._woken.wait(), self._interval)
+            early = MIN_SPACING - (self._event_loop.time() - last)
+            if early > 0:
+                await asyncio.sleep(early)
+            self._woken.clear()
+            last = self._event_loop.time()
             try:
                 await self._look_once()
             except db.DatabaseBusy as exc:  # busy or gone: say nothing new, look again
