@@ -87,6 +87,14 @@ bench_items = sa.Table(
 )
 
 
+def _attempts(run: dict[str, Any]) -> int:
+    """How many attempts the run's phases have had: one more means a new execution began."""
+    phases = run.get("phases")
+    if not isinstance(phases, list):
+        return 0
+    return sum(p.get("attempts", 0) for p in phases if isinstance(p, dict))
+
+
 class PlannedFailure(RuntimeError):
     """What a run asked to fail (``params.fail_phase``) raises, the first time only."""
 
@@ -376,6 +384,7 @@ class Load:
         endpoint = "GET /runs/{id}/events"
         last_status: str | None = None
         percent = -1.0
+        attempts = 0
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.options.seconds + self.options.drain_seconds):
@@ -400,10 +409,16 @@ class Load:
                             )
                         previous_status, last_status = last_status, run.get("status")
                         value = run.get("percent")
-                        if last_status == "queued" and previous_status == "running":
+                        tries = _attempts(run)
+                        if (last_status == "queued" and previous_status == "running") or (
+                            tries > attempts
+                        ):
                             # It ended and was resumed between two reads of the
-                            # stream (0.5 s apart): a new execution, a new baseline.
+                            # stream (0.5 s apart), queued or already running
+                            # again (a phase has one more attempt): a new
+                            # execution, a new baseline.
                             percent = 0.0
+                        attempts = max(attempts, tries)
                         if last_status not in TERMINAL and isinstance(value, int | float):
                             if value < percent:
                                 self.stats.contract(
