@@ -395,6 +395,8 @@ class Executor:
         """
         chosen = self.pipeline(pipeline)
         stored, _ = chosen.check_params(validate_params(params))
+        # One engine for the insert and the run: its runner thread takes it over
+        # (and its open connection), instead of making its own.
         engine = db.create_engine(self.url, busy_timeout_ms=self.busy_timeout_ms)
         try:
             owner = f"{self.identity}:pipeline-run-reserved"
@@ -402,15 +404,16 @@ class Executor:
                 lambda: self._insert(engine, stored, owner=owner, pipeline=chosen.name),
                 what="create a run",
             )
-        finally:
+            thread = threading.Thread(
+                target=self._runner,
+                kwargs={"reserved": (run_id, owner), "engine": engine},
+                name=f"pipeline-run-{run_id}",
+                daemon=False,
+            )
+            self._start(thread)
+        except BaseException:
             engine.dispose()
-        thread = threading.Thread(
-            target=self._runner,
-            kwargs={"reserved": (run_id, owner)},
-            name=f"pipeline-run-{run_id}",
-            daemon=False,
-        )
-        self._start(thread)
+            raise
         return run_id, thread
 
     def _insert(
@@ -469,16 +472,19 @@ class Executor:
 
     # -- the runner thread --
 
-    def _runner(self, reserved: tuple[int, str] | None = None) -> None:
+    def _runner(
+        self, reserved: tuple[int, str] | None = None, engine: Engine | None = None
+    ) -> None:
+        """A runner thread's body; it disposes of ``engine`` (its own by default) at the end."""
         thread = threading.current_thread()
         base_name = thread.name
         counted = reserved is None
-        engine: Engine | None = None
         conn: Connection | None = None
         try:
-            engine = db.create_engine(
-                self.url, busy_timeout_ms=self.busy_timeout_ms, background=True
-            )
+            if engine is None:
+                engine = db.create_engine(
+                    self.url, busy_timeout_ms=self.busy_timeout_ms, background=True
+                )
             conn = engine.connect()
             if reserved is not None:
                 self._claim_and_execute(conn, run_id=reserved[0], owner=reserved[1])
