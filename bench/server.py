@@ -90,12 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     def sent() -> dict[str, int]:
         return {"statements": statements[0], "subscribers": app.state.watcher.subscribers}
 
+    # async, as GET /runs/{id} is on SQLite: no thread-pool hop in the floor either.
     @app.get("/bench/nodb/{run_id}", response_model=RunOut)
-    def nodb(run_id: int) -> dict[str, Any]:
+    async def nodb(run_id: int) -> dict[str, Any]:
         return sample_run(run_id).to_dict()
 
     @app.get("/bench/trivial")
-    def trivial() -> dict[str, str]:
+    async def trivial() -> dict[str, str]:
         return {"status": "ok"}
 
     config = uvicorn.Config(
