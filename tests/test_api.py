@@ -1177,3 +1177,30 @@ def test_get_run_on_sqlite_answers_while_the_thread_pool_is_taken(h_sqlite: Harn
             portal.call(limiter.release_on_behalf_of, borrower)
             portal.call(setattr, limiter, "total_tokens", tokens)
             reader.join(WAIT)
+
+
+def test_one_read_sees_one_instant(engine):
+    """A run and its phases are read at one instant, so no answer mixes two states.
+
+    On PostgreSQL's default READ COMMITTED each statement sees its own
+    instant: a run read as queued could come with its first phase running
+    (seen once in ``GET /events``). A write committed between two statements
+    of one read must not show in the second.
+    """
+    with db.write(engine) as conn:
+        run_id = runs.create_run(conn, params={}).id
+    with db.read(engine) as conn:
+        first = conn.execute(
+            sa.select(analysis_runs.c.progress_current).where(analysis_runs.c.id == run_id)
+        ).scalar_one()
+        with db.write(engine) as other:
+            other.execute(
+                sa.update(analysis_runs)
+                .where(analysis_runs.c.id == run_id)
+                .values(progress_current=7)
+            )
+        second = conn.execute(
+            sa.select(analysis_runs.c.progress_current).where(analysis_runs.c.id == run_id)
+        ).scalar_one()
+    assert (first, second) == (0, 0)
+    assert read_run(engine, run_id).progress_current == 7

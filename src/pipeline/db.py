@@ -315,9 +315,20 @@ def write(engine: Engine) -> Iterator[Connection]:
 
 @contextmanager
 def read(engine: Engine) -> Iterator[Connection]:
-    """One read transaction: a consistent snapshot that never waits for writers."""
+    """One read transaction: a consistent snapshot that never waits for writers.
+
+    A run and its phases are several statements; under PostgreSQL's default
+    READ COMMITTED each would see its own instant (a run read as queued with
+    its first phase already running). REPEATABLE READ gives the transaction
+    one snapshot, as SQLite's WAL does; a transaction that only reads never
+    meets its serialization failures, and psycopg puts the level in its BEGIN
+    (no extra round trip).
+    """
     with translate_errors(), engine.connect() as conn:
-        conn = conn.execution_options(**{READ_ONLY: True})
+        options: dict[str, Any] = {READ_ONLY: True}
+        if engine.dialect.name == "postgresql":
+            options["isolation_level"] = "REPEATABLE READ"
+        conn = conn.execution_options(**options)
         with conn.begin():
             yield conn
 
