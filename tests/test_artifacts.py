@@ -314,3 +314,18 @@ def test_retention_deletes_results_and_artifacts_with_their_run(db_url, engine):
 
     assert retention.prune(engine, older_than=dt.timedelta(days=1)) == 1
     assert _stored(engine, run_id) == (0, 0)
+
+
+def test_a_pages_artifacts_are_read_in_order_without_a_sort(sqlite_url):
+    """``GET /runs`` reads many runs' artifacts in phase order: the index gives that order."""
+    engine = db.create_engine(sqlite_url)
+    try:
+        query = artifacts._SUMMARIES_OF.params(b_ids=[1, 2, 3]).compile(
+            engine, compile_kwargs={"literal_binds": True}
+        )
+        with engine.connect() as conn:
+            plan = [row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}")]
+    finally:
+        engine.dispose()
+    assert any("run_artifacts" in step for step in plan), plan
+    assert not [step for step in plan if "TEMP B-TREE" in step or step.startswith("SCAN")], plan

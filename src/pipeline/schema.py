@@ -274,6 +274,8 @@ run_artifacts = sa.Table(
     sa.Column("data", sa.Text, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.CheckConstraint(_in("kind", ARTIFACT_KINDS), name="ck_run_artifacts_kind"),
+    # A page's artifacts come out in phase order without a sort (GET /runs).
+    sa.Index("ix_run_artifacts_run_order", "run_id", "phase_num", "position", "key"),
 )
 
 
