@@ -74,3 +74,54 @@ def test_a_waiter_that_gives_up_leaves_its_queue():
     gate.release()
     assert gate.acquire(0.05, background=True)  # free again: taken at once
     gate.release()
+
+
+def test_a_runner_may_take_the_gate_again_but_a_waiting_runner_gets_it_soon():
+    """Between runners the gate is not handed over at every commit (a thread switch
+    each time), but a waiting runner gets it after BACKGROUND_BARGES releases at most."""
+    gate = _WriteGate()
+    gate.POLL_SECONDS = 30  # the waiter looks only when woken: the count is exact
+    assert gate.acquire(1, background=True)
+    got = threading.Event()
+
+    def waiter() -> None:
+        assert gate.acquire(10, background=True)
+        got.set()
+        gate.release()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_for(functools.partial(_has_queued, gate, 1))
+    retaken = 0
+    for _ in range(_WriteGate.BACKGROUND_BARGES + 1):
+        gate.release()
+        if got.is_set() or not gate.acquire(0.001, background=True):
+            break
+        if got.is_set():  # it had its turn in between
+            gate.release()
+            break
+        retaken += 1
+    thread.join(10)
+    assert got.is_set()
+    assert retaken == _WriteGate.BACKGROUND_BARGES
+
+
+def test_a_gate_left_free_is_taken_by_the_next_runner_in_line():
+    gate = _WriteGate()
+    assert gate.acquire(1, background=True)
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        assert gate.acquire(10, background=True)
+        order.append(name)
+        gate.release()
+
+    threads = []
+    for name in ("runner-1", "runner-2", "runner-3"):
+        threads.append(threading.Thread(target=take, args=(name,)))
+        threads[-1].start()
+        wait_for(functools.partial(_has_queued, gate, len(threads)))
+    gate.release()  # left free (the releaser could take it again); nobody comes back
+    for thread in threads:
+        thread.join(10)
+    assert order == ["runner-1", "runner-2", "runner-3"]

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,9 +79,19 @@ class _WriteGate:
     wakes), so a runner that commits and begins again queues behind the API.
     Background writers (runners) have a queue of their own, served when no
     request waits, or after ``FOREGROUND_RUN`` requests in a row.
+
+    Among runners the gate is not handed over at every release: the one
+    that released may take it again at once, up to ``BACKGROUND_BARGES``
+    times in a row while another runner waits, and the oldest waiting runner
+    takes it when it is left free (it looks every ``POLL_SECONDS``). A
+    strict hand-off at every phase boundary switched threads (and the GIL)
+    at every commit, and left the lock idle while they switched: 4 runners
+    of short phases ran about 40% slower than 1; with this, about 20%.
     """
 
     FOREGROUND_RUN = 4
+    BACKGROUND_BARGES = 8
+    POLL_SECONDS = 0.002
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -88,6 +99,7 @@ class _WriteGate:
         self._waiters: deque[threading.Event] = deque()
         self._background: deque[threading.Event] = deque()
         self._in_a_row = 0
+        self._barges = 0
 
     def acquire(self, timeout: float, *, background: bool = False) -> bool:
         """Wait for our turn; give up (and leave the queue) after ``timeout`` seconds."""
@@ -98,9 +110,18 @@ class _WriteGate:
             turn = threading.Event()
             queue = self._background if background else self._waiters
             queue.append(turn)
+        deadline = time.monotonic() + timeout
         try:
-            if turn.wait(timeout):
-                return True
+            while not turn.wait(min(self.POLL_SECONDS, max(deadline - time.monotonic(), 0.0))):
+                with self._lock:
+                    if not self._held and queue[0] is turn:  # left free, and we are next
+                        queue.popleft()
+                        self._held = True
+                        return True
+                if time.monotonic() >= deadline:
+                    break
+            else:
+                return True  # handed over
         except BaseException:  # interrupted (a signal in the main thread): leave the queue
             with self._lock:
                 if turn.is_set():
@@ -122,12 +143,17 @@ class _WriteGate:
         # Still held after a hand-off: now by the next in line.
         if self._waiters and not (self._background and self._in_a_row >= self.FOREGROUND_RUN):
             self._in_a_row += 1
+            self._barges = 0
             self._waiters.popleft().set()
-        elif self._background:
-            self._in_a_row = 0
+        elif self._background and (self._waiters or self._barges >= self.BACKGROUND_BARGES):
+            self._in_a_row = self._barges = 0
             self._background.popleft().set()
-        else:
+        elif self._background:  # left free: the releaser may take it again, or the next runner
             self._in_a_row = 0
+            self._barges += 1
+            self._held = False
+        else:
+            self._in_a_row = self._barges = 0
             self._held = False
 
 
