@@ -323,6 +323,33 @@ def test_queued_runs_are_capped_with_429(db_url: str, engine: Engine) -> None:
         assert run_count(engine) == 4
 
 
+def test_the_queue_cap_counts_queued_runs_whatever_their_ids(engine: Engine) -> None:
+    """``queue_full`` answers from the span of queued ids when it can; gaps never fool it."""
+    from pipeline import runs
+
+    def queue(n: int) -> list[int]:
+        with db.write(engine) as conn:
+            return [runs.create_run(conn, params={}).id for _ in range(n)]
+
+    def full(cap: int) -> bool:
+        with db.read(engine) as conn:
+            return runs.queue_full(conn, cap=cap)
+
+    assert not full(1)  # nothing queued
+    first = queue(3)
+    assert full(3)  # span 3: exact at the cap
+    assert not full(4)
+    # Finished runs between queued ones: queued ids 1, 5, 6 span 6, the queue is 3.
+    middle = queue(2)
+    queue(1)
+    with db.write(engine) as conn:
+        conn.exec_driver_sql(
+            "UPDATE analysis_runs SET status = 'completed' WHERE id IN "
+            f"({first[1]}, {first[2]}, {middle[0]})"
+        )
+    assert [full(cap) for cap in (1, 2, 3, 4, 5)] == [True, True, True, False, False]
+
+
 def _open_stream(stack: ExitStack, url: str, source: str, path: str) -> httpx2.Response:
     """One event stream from ``source`` (a loopback address of its own), kept open by ``stack``."""
     client = stack.enter_context(

@@ -306,7 +306,7 @@ class Service:
                 earlier = runs.idempotent_run(conn, key=idempotency[0], body_hash=idempotency[1])
                 if earlier is not None:
                     return earlier, False
-            if runs.count_queued(conn, up_to=cap) >= cap:
+            if runs.queue_full(conn, cap=cap):
                 raise QueueFull(f"{cap} runs are already queued (PIPELINE_MAX_QUEUED_RUNS)")
             run = runs.create_run(conn, params=stored, pipeline=name)
             if idempotency is not None:
