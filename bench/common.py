@@ -9,7 +9,6 @@ ratio of each pair. Targets are judged on the median ratio.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import math
 import os
 import shutil
@@ -245,11 +244,6 @@ def sqlite_connect(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connectio
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     return conn
-
-
-def sql_now() -> str:
-    """A UTC timestamp as SQLAlchemy stores a DateTime in SQLite."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def count_status(path: Path) -> dict[str, int]:

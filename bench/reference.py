@@ -15,11 +15,12 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 
-from bench.common import sql_now
-
+NOW = "strftime('%Y-%m-%d %H:%M:%f000', 'now')"  # schema.db_now on SQLite
+AT_BOUNDARY = "(SELECT analysis_runs.heartbeat_at FROM analysis_runs WHERE analysis_runs.id = ?)"
+AT_COMPLETION = "(SELECT analysis_runs.completed_at FROM analysis_runs WHERE analysis_runs.id = ?)"
 INSERT_RUN = (
     "INSERT INTO analysis_runs (status, params, progress_current, created_at, owner) "
-    "VALUES (?, ?, ?, ?, ?) RETURNING id"
+    f"VALUES (?, ?, ?, {NOW}, ?) RETURNING id"
 )
 CLAIM_SELECT_RESERVED = (
     "SELECT analysis_runs.id, analysis_runs.params FROM analysis_runs "
@@ -36,34 +37,36 @@ INSERT_PHASES = (
 MARK_RUNNING = (
     "UPDATE analysis_runs SET status=?, current_phase=?, phase_label=?, progress_current=?, "
     "progress_total=?, phase_progress_current=?, phase_progress_total=?, "
-    "started_at=coalesce(analysis_runs.started_at, ?), heartbeat_at=?, owner=? "
+    f"started_at=coalesce(analysis_runs.started_at, {NOW}), heartbeat_at={NOW}, owner=? "
     "WHERE analysis_runs.id = ? RETURNING cancel_requested_at"
 )
 START_PHASE = (
-    "UPDATE run_phases SET status=?, attempts=(run_phases.attempts + ?), started_at=?, "
-    "finished_at=? WHERE run_phases.run_id = ? AND run_phases.phase_num = ?"
+    "UPDATE run_phases SET status=?, attempts=(run_phases.attempts + ?), "
+    f"started_at={AT_BOUNDARY}, finished_at=? "
+    "WHERE run_phases.run_id = ? AND run_phases.phase_num = ?"
 )
 COMPLETE_PHASE = (
-    "UPDATE run_phases SET status=?, finished_at=? "
+    f"UPDATE run_phases SET status=?, finished_at={AT_COMPLETION} "
     "WHERE run_phases.run_id = ? AND run_phases.phase_num = ?"
 )
 CROSS_BOUNDARY = (
     "UPDATE run_phases SET status=CASE WHEN (run_phases.phase_num = ?) THEN ? ELSE ? END, "
     "attempts=CASE WHEN (run_phases.phase_num = ?) THEN run_phases.attempts "
     "ELSE run_phases.attempts + ? END, "
-    "started_at=CASE WHEN (run_phases.phase_num = ?) THEN run_phases.started_at ELSE ? END, "
-    "finished_at=CASE WHEN (run_phases.phase_num = ?) THEN ? END "
+    "started_at=CASE WHEN (run_phases.phase_num = ?) THEN run_phases.started_at "
+    f"ELSE {AT_BOUNDARY} END, "
+    f"finished_at=CASE WHEN (run_phases.phase_num = ?) THEN {AT_BOUNDARY} END "
     "WHERE run_phases.run_id = ? AND run_phases.phase_num IN (?, ?)"
 )
 NEXT_BOUNDARY = (
     "UPDATE analysis_runs SET current_phase=?, phase_label=?, progress_current=?, "
-    "phase_progress_current=?, phase_progress_total=?, heartbeat_at=? "
+    f"phase_progress_current=?, phase_progress_total=?, heartbeat_at={NOW} "
     "WHERE analysis_runs.id = ? AND analysis_runs.owner = ? AND analysis_runs.status = ? "
     "RETURNING cancel_requested_at"
 )
 LAST_BOUNDARY = (
     "UPDATE analysis_runs SET status=?, progress_current=?, phase_progress_current=?, "
-    "phase_progress_total=?, completed_at=? "
+    f"phase_progress_total=?, completed_at={NOW} "
     "WHERE analysis_runs.id = ? AND analysis_runs.owner = ? AND analysis_runs.status = ? "
     "RETURNING cancel_requested_at"
 )
@@ -74,7 +77,7 @@ PhaseCall = Callable[[int], None]
 def create_run(conn: sqlite3.Connection, owner: str | None) -> int:
     """``runs.create_run`` in its own write transaction: one commit."""
     conn.execute("BEGIN IMMEDIATE")
-    run_id = int(conn.execute(INSERT_RUN, ("queued", "{}", 0, sql_now(), owner)).fetchone()[0])
+    run_id = int(conn.execute(INSERT_RUN, ("queued", "{}", 0, owner)).fetchone()[0])
     conn.execute("COMMIT")
     return run_id
 
@@ -92,15 +95,14 @@ def claim(
         conn.execute("COMMIT")
         return None
     run_id = int(row[0])
-    now = sql_now()
     # A fresh run (as every run here is) has no phase rows to read: they are inserted.
     conn.executemany(INSERT_PHASES, [(run_id, n, lb, "pending", 0) for n, lb in labels])
     first, label = labels[0]
     conn.execute(
         MARK_RUNNING,
-        ("running", first, label, 0, len(labels), None, None, now, now, owner, run_id),
+        ("running", first, label, 0, len(labels), None, None, owner, run_id),
     ).fetchone()
-    conn.execute(START_PHASE, ("running", 1, now, None, run_id, first))
+    conn.execute(START_PHASE, ("running", 1, run_id, None, run_id, first))
     conn.execute("COMMIT")
     return run_id
 
@@ -120,24 +122,23 @@ def execute_phases(
     last = len(labels)
     for index, (num, _label) in enumerate(labels):
         phase(num)
-        now = sql_now()
         conn.execute("BEGIN IMMEDIATE")
         if index + 1 < last:
             nxt, nxt_label = labels[index + 1]
             row = conn.execute(
-                NEXT_BOUNDARY, (nxt, nxt_label, num, None, None, now, run_id, owner, "running")
+                NEXT_BOUNDARY, (nxt, nxt_label, num, None, None, run_id, owner, "running")
             ).fetchone()
             if row is None or row[0] is not None:
                 raise RuntimeError("reference run lost or cancelled")
             conn.execute(
                 CROSS_BOUNDARY,
-                (num, "completed", "running", num, 1, num, now, num, now, run_id, num, nxt),
+                (num, "completed", "running", num, 1, num, run_id, num, run_id, run_id, num, nxt),
             )
         else:
             conn.execute(
-                LAST_BOUNDARY, ("completed", num, None, None, now, run_id, owner, "running")
+                LAST_BOUNDARY, ("completed", num, None, None, run_id, owner, "running")
             ).fetchone()
-            conn.execute(COMPLETE_PHASE, ("completed", now, run_id, num))
+            conn.execute(COMPLETE_PHASE, ("completed", run_id, run_id, num))
         conn.execute("COMMIT")
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -166,6 +167,28 @@ def test_success_marks_completed_in_utc(db_url, items):
     assert before <= run.completed_at <= dt.datetime.now(dt.UTC)
     assert run.to_dict()["completed_at"].endswith("Z")
     assert [p.status for p in run.phases] == ["completed", "completed"]
+
+
+def test_each_boundary_is_one_instant_of_the_database(db_url, items):
+    """A phase ends when the next starts, the first starts with the run, the last ends with it.
+
+    The phase rows read the instant back from the run row the boundary
+    wrote (``runs._BOUNDARY_AT``, ``runs._COMPLETED_AT``); a row that took
+    another instant, or the wrong one of the two, breaks an equality here.
+    """
+
+    def slow(conn, ctx):
+        # Distinct instants at each boundary (SQLite's clock has milliseconds).
+        time.sleep(0.003)
+
+    run_id = run_to_end(db_url, [(1, "A", slow), (2, "B", slow), (3, "C", slow)])
+    run = read_run(items, run_id)
+    first, second, third = run.phases
+    assert run.started_at == first.started_at
+    assert first.finished_at == second.started_at
+    assert second.finished_at == third.started_at
+    assert third.finished_at == run.completed_at
+    assert first.started_at < first.finished_at < second.finished_at < third.finished_at
 
 
 class Boom(Exception):

@@ -346,9 +346,12 @@ def save(
     phase_num: int,
     result: str | None,
     artifacts: Sequence[Staged],
-    now: dt.datetime,
+    now: dt.datetime | None,
 ) -> None:
-    """Write a phase's result and artifacts; the caller's transaction is the phase's."""
+    """Write a phase's result and artifacts; the caller's transaction is the phase's.
+
+    ``now`` (the boundary's instant) is needed only when there are artifacts.
+    """
     if result is not None:
         conn.execute(_INSERT_RESULT, {"run_id": run_id, "phase_num": phase_num, "value": result})
     if artifacts:
