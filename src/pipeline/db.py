@@ -90,7 +90,7 @@ class _WriteGate:
     left is CPU spent switching threads, not waiting: with 8 retakes and a
     2 ms look, 4 runners made 11 context switches a run against 1 with one
     runner, and spent 3.0 ms of CPU a run against 2.3. With 32 retakes and
-    a 10 ms look, 2.7 switches and 2.5-2.6 ms. A runner that leaves the gate
+    a 10 ms look, about 3 switches and 2.5 ms. A runner that leaves the gate
     free is computing, so 10 ms is short beside what it is doing; requests
     are handed the gate at once, as before.
     """

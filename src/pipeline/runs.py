@@ -375,7 +375,7 @@ def queue_full(conn: Connection, *, cap: int) -> bool:
     """Whether ``cap`` runs or more are queued.
 
     Counting the queue costs as many index entries as there are queued runs,
-    and every creation asks (at 2,000 queued, a creation took twice as long
+    and every creation asks (at 5,000 queued, a creation took twice as long
     as at none). Run ids are unique, so queued ids that span fewer than
     ``cap`` numbers are fewer than ``cap`` runs: two seeks of the status
     index answer, and the bounded count runs only when the span is that wide.
