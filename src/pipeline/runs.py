@@ -811,6 +811,9 @@ def _of_the_run(column: sa.Column[Any]) -> sa.ScalarSelect[Any]:
 
 _BOUNDARY_AT = _of_the_run(runs_t.c.heartbeat_at)  # a claim, a boundary crossed
 _COMPLETED_AT = _of_the_run(runs_t.c.completed_at)  # the run's last boundary
+# The instant again, for a phase's artifacts (their created_at).
+_READ_BOUNDARY_AT = Compiled(sa.select(_BOUNDARY_AT))
+_READ_COMPLETED_AT = Compiled(sa.select(_COMPLETED_AT))
 _COMPLETE_PHASE = Compiled(
     sa.update(phases_t).where(_THIS_PHASE).values(status="completed", finished_at=_BOUNDARY_AT)
 )
@@ -954,8 +957,8 @@ def finish_phase(
     add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
     now = None
     if published:  # artifacts carry the boundary's instant
-        instant = _COMPLETED_AT if next_phase is None else _BOUNDARY_AT
-        now = conn.execute(sa.select(instant), params).scalar_one()
+        instant = _READ_COMPLETED_AT if next_phase is None else _READ_BOUNDARY_AT
+        now = instant.execute(conn, {"b_run": run_id}).one()[0]
     artifacts.save(
         conn, run_id=run_id, phase_num=phase_num, result=result, artifacts=published, now=now
     )
