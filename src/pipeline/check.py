@@ -45,7 +45,6 @@ import datetime as dt
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, RowMapping
@@ -89,12 +88,12 @@ def check_database(engine: Engine, *, expect_idle: bool = False) -> list[str]:
 @contextmanager
 def _snapshot(engine: Engine) -> Iterator[Connection]:
     with db.translate_errors(), engine.connect() as conn:
-        options: dict[str, Any] = {db.READ_ONLY: True}
         if conn.dialect.name == "postgresql":
-            options["isolation_level"] = "REPEATABLE READ"
-            options["postgresql_readonly"] = True
-        conn = conn.execution_options(**options)
+            conn = conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
         with conn.begin():
+            db.read_only(conn)
             yield conn
 
 

@@ -15,9 +15,11 @@ serves SQLite and PostgreSQL, and values go in and come out exactly as
 What this path keeps of SQLAlchemy's, because the project relies on it:
 
 * the transaction stays SQLAlchemy's (``with conn.begin():``), and the
-  ``before_cursor_execute`` listeners are called, so SQLite's deferred
-  ``BEGIN IMMEDIATE`` and its write gate (``pipeline.db``) work as before,
-  and tracing listeners (the benchmarks') see every statement;
+  cursor comes from the connection, so SQLite's deferred ``BEGIN
+  IMMEDIATE`` and its write gate (``pipeline.db.SQLiteConnection``) work
+  as for any statement; ``before_cursor_execute`` listeners are called
+  when there are any, so tracing listeners (the benchmarks') see every
+  statement;
 * a driver error becomes the same ``sqlalchemy.exc.DBAPIError`` subclass,
   and a lost connection invalidates the ``Connection`` as SQLAlchemy does,
   so ``db.translate_errors`` and the runner's reconnect logic see no
@@ -168,19 +170,19 @@ class Compiled:
         form = self.form(conn.dialect)
         if form is None or not conn.in_transaction():
             return _through_sqlalchemy(conn, self.statement, params)
-        many = not isinstance(params, Mapping)
         bound: Any
-        if isinstance(params, Mapping):
-            bound = _bind(form, params)
+        # A dict is a Mapping, and checking that is fast; the ABC check is not.
+        if isinstance(params, (dict, Mapping)):
+            many, bound = False, _bind(form, params)
         else:
-            bound = [_bind(form, p) for p in params]
+            many, bound = True, [_bind(form, p) for p in params]
         dbapi_conn = conn.connection.dbapi_connection
         assert dbapi_conn is not None
-        cursor = dbapi_conn.cursor()
+        cursor = None
         try:
-            before = conn.dispatch.before_cursor_execute
-            if before:
-                before(conn, cursor, form.sql, bound, None, many)
+            cursor = dbapi_conn.cursor()  # on SQLite, sends the deferred BEGIN (pipeline.db)
+            if conn._has_events or conn.engine._has_events:  # as SQLAlchemy itself decides
+                conn.dispatch.before_cursor_execute(conn, cursor, form.sql, bound, None, many)
             if many:
                 cursor.executemany(form.sql, bound)
             else:
@@ -190,7 +192,8 @@ class Compiled:
         except conn.dialect.loaded_dbapi.Error as exc:
             raise _wrapped(conn, exc, form.sql, bound, cursor) from exc
         finally:
-            cursor.close()
+            if cursor is not None:
+                cursor.close()
 
 
 def _processed(processor: Processor | None, value: Any) -> Any:
@@ -198,11 +201,10 @@ def _processed(processor: Processor | None, value: Any) -> Any:
 
 
 def _bind(form: _Form, params: Mapping[str, Any]) -> Any:
-    values = []
-    for key, value, processor in form.slots:
-        if key is not None:
-            value = params[key] if processor is None else processor(params[key])
-        values.append(value)
+    values = [
+        value if key is None else params[key] if processor is None else processor(params[key])
+        for key, value, processor in form.slots
+    ]
     return tuple(values) if form.positional else dict(zip(form.names, values, strict=True))
 
 

@@ -40,6 +40,8 @@ from pipeline.runs import RunStatus
 from pipeline.schema import MAX_COUNTER
 
 log = logging.getLogger("pipeline.orchestrator")
+# What phases log to, through a RunLogger naming the run and phase.
+run_log = logging.getLogger("pipeline.run")
 
 T = TypeVar("T")
 
@@ -163,9 +165,7 @@ class RunContext:
         self.phase_num = 0
         self.phase_label = ""
         self.warnings: list[str] = []
-        self.logger = RunLogger(
-            logging.getLogger("pipeline.run"), {"run_id": run_id, "phase": None}
-        )
+        self.logger = RunLogger(run_log, {"run_id": run_id, "phase": None})
         self._phase_warnings_from = 0
         self._cancel = threading.Event()
         # (phase_num, current, total): one tuple, replaced whole, so the
@@ -256,9 +256,7 @@ class RunContext:
         self.phase_label = label
         self._phase_warnings_from = len(self.warnings)
         self._progress = (num, None, None)
-        self.logger = RunLogger(
-            logging.getLogger("pipeline.run"), {"run_id": self.run_id, "phase": num}
-        )
+        self.logger = RunLogger(run_log, {"run_id": self.run_id, "phase": num})
 
     def _begin_attempt(self) -> None:
         """A new attempt starts clean: nothing of a rolled-back one is kept."""
@@ -657,7 +655,7 @@ class Executor:
             else:
                 ctx._committed()
                 elapsed = time.monotonic() - attempt_started
-                self.metrics.phase_duration.labels(ctx.phase_label).observe(elapsed)
+                self.metrics.phase_timer(ctx.phase_label).observe(elapsed)
                 return status
             self.metrics.phase_retries.labels(ctx.phase_label).inc()
             if ctx._cancel.wait(delay):
