@@ -280,3 +280,29 @@ def test_a_change_made_elsewhere_reaches_the_stream_at_once_on_postgresql(db_url
         finally:
             listener.close()
             engine.dispose()
+
+
+def test_a_change_requested_here_reaches_the_stream_without_waiting_for_the_poll(db_url):
+    """A run created, cancelled or resumed through this server wakes its watcher at once.
+
+    The watcher polls once a minute and, on PostgreSQL, the NOTIFY listener
+    is stopped: only the server's own word can wake it, on both backends.
+    """
+    with serving(db_url, executor="worker") as (server, app):
+        watcher = app.state.watcher
+        watcher._interval = 60.0
+        listener_thread = app.state.service.listener
+        if listener_thread is not None:
+            wait_for(lambda: listener_thread.listening.is_set())
+            listener_thread.stop()
+        listener = Listener(server.url)
+        try:
+            started = time.monotonic()
+            run = post(server, "alpha")
+            listener.until(lambda r: r["id"] == run["id"] and r["status"] == "queued", 10)
+            response = httpx2.post(f"{server.url}/runs/{run['id']}/cancel", timeout=10)
+            assert response.status_code == 202, response.text
+            listener.until(lambda r: r["id"] == run["id"] and r["status"] == "cancelled", 10)
+            assert time.monotonic() - started < 30  # far from one poll, let alone two
+        finally:
+            listener.close()

@@ -95,18 +95,28 @@ class Service:
         # (pipeline.notify), on the channels it has a use for.
         self.listener: Listener | None = None
         self._notified: dict[str, Callable[[], None]] = {}
+        self._runs_changed: Callable[[], None] | None = None
         if self.execute:
             # One notification may stand for many runs (PostgreSQL folds those of
             # one transaction): count what is claimable, as a poll does.
             self._notified[notify.CHANNEL] = self._wake_for_queued
 
     def on_runs_changed(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` (from another thread) when any process changed runs (PostgreSQL).
+        """Call ``callback`` (from any thread) when runs changed.
 
-        For ``GET /events``' shared watcher; set before :meth:`start`. SQLite
-        has no notifications (and no other server): the watcher's poll serves.
+        For ``GET /events``' shared watcher; set before :meth:`start`. What
+        this process's requests change (a run created, cancelled, resumed)
+        calls it at once, on both backends: a viewer sees a new run within the
+        watcher's spacing, not its poll. On PostgreSQL, a NOTIFY also calls it
+        for every other process's change; on SQLite, a runner's progress and
+        another process's change wait for the poll.
         """
         self._notified[notify.CHANGED] = callback
+        self._runs_changed = callback
+
+    def _changed(self) -> None:
+        if self._runs_changed is not None:
+            self._runs_changed()
 
     # -- life cycle --
 
@@ -295,6 +305,7 @@ class Service:
             self.metrics.runs_created.inc()
             if self.execute:
                 self.executor.wake()
+            self._changed()
         return run, created
 
     def _create(
@@ -363,6 +374,8 @@ class Service:
         self.executor.notify_cancel(run_id)
         with db.write(self.engine) as conn:
             outcome = runs.request_cancel(conn, run_id=run_id)
+        if outcome is Outcome.DONE:
+            self._changed()
         return outcome, self.get_run(run_id)
 
     def resume(self, run_id: int) -> tuple[Outcome, Run | None]:
@@ -373,6 +386,7 @@ class Service:
             self._resumed.add(run_id)
             if self.execute:
                 self.executor.wake()
+            self._changed()
         return outcome, self.get_run(run_id)
 
     def get_result(self, run_id: int, phase_num: int) -> Any:
