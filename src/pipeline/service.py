@@ -115,8 +115,13 @@ class Service:
         self._runs_changed = callback
 
     def _changed(self) -> None:
-        if self._runs_changed is not None:
+        """Tell the watcher; the change is committed, so a failure here must not undo the answer."""
+        if self._runs_changed is None:
+            return
+        try:
             self._runs_changed()
+        except Exception:
+            log.exception("telling the watcher that runs changed failed; its poll will see it")
 
     # -- life cycle --
 
