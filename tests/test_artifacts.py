@@ -7,6 +7,7 @@ PostgreSQL when configured); the API is the real application in a TestClient.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import pytest
@@ -84,6 +85,30 @@ def test_results_and_artifacts_are_stored_and_passed_to_later_phases(db_url, eng
         notes = artifacts.get_artifact(conn, run_id=run_id, key="notes")
     assert notes is not None
     assert "replaced" in notes.to_dict()["data"]
+
+
+def publishes_early(conn: Connection, ctx: RunContext) -> None:
+    """Publishes, then works 20 ms: the call and the boundary are instants apart."""
+    ctx.artifact(f"early-{ctx.phase_num}", markdown="published at the start")
+    until = time.monotonic() + 0.02
+    while time.monotonic() < until:
+        pass
+
+
+def test_an_artifact_is_dated_at_its_phase_boundary(db_url, engine):
+    """An artifact's created_at is the instant its phase finished: the boundary that stored it.
+
+    Not when ``ctx.artifact`` was called (that write is not yet committed,
+    and may never be), and not a second reading of the clock.
+    """
+    run_id = _run(db_url, [(1, "Early", publishes_early), (2, "Again", publishes_early)])
+    run = read_run(engine, run_id)
+    finished = {p.num: p.finished_at for p in run.phases}
+    assert all(stamp is not None for stamp in finished.values())
+    assert [(a.key, a.created_at) for a in run.artifacts] == [
+        ("early-1", finished[1]),
+        ("early-2", finished[2]),
+    ]
 
 
 def test_the_http_contract_for_results_and_artifacts(db_url):
