@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Connection, Engine
 
 from pipeline import api, db, liveness, runs
-from pipeline.api import create_app
+from pipeline.api import RunOut, create_app
 from pipeline.config import Settings
 from pipeline.liveness import process_identity
 from pipeline.orchestrator import RunContext
@@ -462,6 +462,42 @@ def test_get_run_answers_the_run(h: Harness) -> None:
         assert set(response.json()) == RUN_FIELDS
         assert response.json()["id"] == created["id"]
         assert response.json()["created_at"] == created["created_at"]
+
+
+def test_get_run_is_exactly_the_documented_run_json_and_the_events_data(h: Harness) -> None:
+    """GET /runs/{id} (encoded once, as the event streams encode it) is RunOut's JSON.
+
+    A finished run with phases and warnings: the body validates against the
+    schema OpenAPI documents (no field missing, none extra, each of its type)
+    and is what that model would have sent, and the same as its event data.
+    """
+    with h.serve() as client:
+        created = post_run(client, {"warn": True})
+        done = wait_status(client, created["id"], "completed")
+        response = client.get(f"/runs/{created['id']}")
+        events = client.get(f"/runs/{created['id']}/events")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body == done
+    assert body["phases"]
+    assert body["warnings"]
+    assert RunOut.model_validate(body).model_dump(mode="json") == body
+    data = [line[5:] for line in events.text.splitlines() if line.startswith("data:")]
+    assert [json.loads(d) for d in data] == [body]
+
+
+def test_get_run_sends_a_stored_nan_as_null(h_sqlite: Harness) -> None:
+    """A params value stored before params were checked (NaN) reads as null, never as NaN.
+
+    ``NaN`` is not JSON: a client's parser would refuse the whole run.
+    """
+    [run_id] = insert_runs(h_sqlite.engine, ["failed"], params={"x": float("nan"), "y": 1})
+    with h_sqlite.serve() as client:
+        response = client.get(f"/runs/{run_id}")
+    assert response.status_code == 200, response.text
+    assert b"NaN" not in response.content
+    assert response.json()["params"] == {"x": None, "y": 1}
 
 
 @pytest.mark.parametrize(
