@@ -30,7 +30,7 @@ import sqlalchemy as sa
 import uvicorn
 from fastapi import Response
 
-from pipeline.api import RunOut, _event_data, create_app
+from pipeline.api import RunOut, create_app, run_json
 from pipeline.config import get_settings
 from pipeline.logs import configure_logging
 from pipeline.runs import PhaseRecord, Run, RunStatus, RunWarning
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # either; and encoded as GET /runs/{id} encodes its answer.
     @app.get("/bench/nodb/{run_id}", response_model=RunOut)
     async def nodb(run_id: int) -> Response:
-        return Response(_event_data(sample_run(run_id)), media_type="application/json")
+        return Response(run_json(sample_run(run_id)), media_type="application/json")
 
     @app.get("/bench/trivial")
     async def trivial() -> dict[str, str]:
