@@ -95,7 +95,6 @@ class Service:
         # (pipeline.notify), on the channels it has a use for.
         self.listener: Listener | None = None
         self._notified: dict[str, Callable[[], None]] = {}
-        self._runs_changed: Callable[[], None] | None = None
         if self.execute:
             # One notification may stand for many runs (PostgreSQL folds those of
             # one transaction): count what is claimable, as a poll does.
@@ -112,14 +111,14 @@ class Service:
         another process's change wait for the poll.
         """
         self._notified[notify.CHANGED] = callback
-        self._runs_changed = callback
 
     def _changed(self) -> None:
         """Tell the watcher; the change is committed, so a failure here must not undo the answer."""
-        if self._runs_changed is None:
+        callback = self._notified.get(notify.CHANGED)
+        if callback is None:
             return
         try:
-            self._runs_changed()
+            callback()
         except Exception:
             log.exception("telling the watcher that runs changed failed; its poll will see it")
 
