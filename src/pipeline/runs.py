@@ -12,9 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -701,28 +701,39 @@ _RESERVED = Compiled(
 _PHASE_STATUSES = sa.select(phases_t.c.phase_num, phases_t.c.label, phases_t.c.status).where(
     phases_t.c.run_id == _b("b_run")
 )
-_INSERT_PHASE = Compiled(
-    sa.insert(phases_t).values(
-        run_id=_b("b_run"), phase_num=_b("b_num"), label=_b("b_label"), status="pending", attempts=0
+# A claimed run's phase rows go in as one statement per this many: psycopg's
+# executemany of 5 rows cost twice one statement's CPU (its pipeline mode), and
+# binds stay well under SQLite's and PostgreSQL's limits (32,766 and 65,535).
+PHASE_ROWS_PER_INSERT = 1000
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_phases(count: int) -> Compiled:
+    """``count`` pending phase rows of run ``b_run``, from ``b_num_i`` and ``b_label_i``."""
+    return Compiled(
+        sa.insert(phases_t).values(
+            [
+                {
+                    "run_id": _b("b_run"),
+                    "phase_num": _b(f"b_num_{i}"),
+                    "label": _b(f"b_label_{i}"),
+                    "status": "pending",
+                    "attempts": 0,
+                }
+                for i in range(count)
+            ]
+        )
     )
-)
-_MARK_RUNNING = Compiled(
-    sa.update(runs_t)
-    .where(runs_t.c.id == _b("b_run"))
-    .values(
-        status=RunStatus.RUNNING.value,
-        started_at=sa.func.coalesce(runs_t.c.started_at, db_now()),
-        current_phase=_b("b_phase"),
-        phase_label=_b("b_label"),
-        progress_current=_b("b_done"),
-        progress_total=_b("b_total"),
-        phase_progress_current=None,
-        phase_progress_total=None,
-        owner=_b("b_owner"),
-        heartbeat_at=db_now(),
-    )
-    .returning(runs_t.c.cancel_requested_at)
-)
+
+
+def _add_phase_rows(conn: Connection, run_id: int, phases: Sequence[tuple[int, str]]) -> None:
+    for start in range(0, len(phases), PHASE_ROWS_PER_INSERT):
+        chunk = phases[start : start + PHASE_ROWS_PER_INSERT]
+        params: dict[str, Any] = {"b_run": run_id}
+        for i, (num, label) in enumerate(chunk):
+            params[f"b_num_{i}"] = num
+            params[f"b_label_{i}"] = label
+        _insert_phases(len(chunk)).execute(conn, params)
 
 
 def claim(
@@ -765,27 +776,25 @@ def _claim_row(
 ) -> Claimed | None:
     known: dict[int, str] = {}
     if row.started_at is None:  # its first start: the phase rows it will keep
-        _INSERT_PHASE.execute(
-            conn, [{"b_run": row.id, "b_num": n, "b_label": lb} for n, lb in phases]
-        )
+        _add_phase_rows(conn, row.id, phases)
     else:  # a resumed run: its phase rows say where it stands
         rows = conn.execute(_PHASE_STATUSES, {"b_run": row.id}).all()
         if describe_phase_changes(sorted((r.phase_num, r.label) for r in rows), phases):
             return None
         known = {r.phase_num: r.status for r in rows}
     first = next(n for n, _ in phases if known.get(n) != "completed")
-    result = _MARK_RUNNING.execute(
-        conn,
-        {
-            "b_run": row.id,
-            "b_phase": first,
-            "b_label": dict(phases)[first],
-            "b_done": first - 1,
-            "b_total": len(phases),
-            "b_owner": owner,
-        },
-    ).one()
-    _START_PHASE.execute(conn, {"b_run": row.id, "b_phase": first})
+    params = {
+        "b_run": row.id,
+        "b_phase": first,
+        "b_label": dict(phases)[first],
+        "b_done": first - 1,
+        "b_total": len(phases),
+        "b_owner": owner,
+    }
+    result, started = _CLAIM.execute(conn, params)
+    assert result is not None  # the row is locked by this transaction's claim
+    if not started:
+        _CLAIM.phase_rows.execute(conn, params)
     resumed = row.started_at is not None
     return Claimed(
         row.id,
@@ -828,20 +837,76 @@ _READ_COMPLETED_AT = Compiled(sa.select(_COMPLETED_AT))
 _COMPLETE_PHASE = Compiled(
     sa.update(phases_t).where(_THIS_PHASE).values(status="completed", finished_at=_BOUNDARY_AT)
 )
-_COMPLETE_LAST_PHASE = Compiled(
-    sa.update(phases_t).where(_THIS_PHASE).values(status="completed", finished_at=_COMPLETED_AT)
+
+
+class _RunRow(NamedTuple):
+    """What a phase-row statement takes from the run row written just before it."""
+
+    id: sa.ColumnElement[Any]
+    heartbeat_at: sa.ColumnElement[Any]
+    completed_at: sa.ColumnElement[Any]
+    cancel_requested_at: sa.ColumnElement[Any]
+
+
+# The run row as this transaction has just written it, read back by primary key.
+_WRITTEN = _RunRow(
+    _b("b_run", type_=runs_t.c.id.type),
+    _BOUNDARY_AT,
+    _COMPLETED_AT,
+    _of_the_run(runs_t.c.cancel_requested_at),
 )
-_START_PHASE = Compiled(
-    sa.update(phases_t)
-    .where(_THIS_PHASE)
+
+
+def _start_phase(run: _RunRow) -> sa.Update:
+    """The claimed run's first phase to run, started at the claim's instant."""
+    return (
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run.id, phases_t.c.phase_num == _b("b_phase"))
+        .values(status="running", attempts=phases_t.c.attempts + 1, started_at=run.heartbeat_at)
+        .values(finished_at=None)
+    )
+
+
+def _cross_boundary(run: _RunRow) -> sa.Update:
+    """The common boundary in one statement: phase k completed, phase k+1 running."""
+    is_done = phases_t.c.phase_num == _b("b_phase")
+    return (
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run.id, phases_t.c.phase_num.in_([_b("b_phase"), _b("b_next")]))
+        .values(
+            status=sa.case((is_done, "completed"), else_="running"),
+            finished_at=sa.case((is_done, run.heartbeat_at), else_=None),
+            started_at=sa.case((is_done, phases_t.c.started_at), else_=run.heartbeat_at),
+            attempts=sa.case((is_done, phases_t.c.attempts), else_=phases_t.c.attempts + 1),
+        )
+    )
+
+
+def _complete_last_phase(run: _RunRow) -> sa.Update:
+    return (
+        sa.update(phases_t)
+        .where(phases_t.c.run_id == run.id, phases_t.c.phase_num == _b("b_phase"))
+        .values(status="completed", finished_at=run.completed_at)
+    )
+
+
+_MARK_RUNNING_ROW = (
+    sa.update(runs_t)
+    .where(runs_t.c.id == _b("b_run"))
     .values(
-        status="running",
-        attempts=phases_t.c.attempts + 1,
-        started_at=_BOUNDARY_AT,
-        finished_at=None,
+        status=RunStatus.RUNNING.value,
+        started_at=sa.func.coalesce(runs_t.c.started_at, db_now()),
+        current_phase=_b("b_phase"),
+        phase_label=_b("b_label"),
+        progress_current=_b("b_done"),
+        progress_total=_b("b_total"),
+        phase_progress_current=None,
+        phase_progress_total=None,
+        owner=_b("b_owner"),
+        heartbeat_at=db_now(),
     )
 )
-_ADVANCE_RUN = Compiled(
+_ADVANCE_RUN_ROW = (
     sa.update(runs_t)
     .where(_OWNED)
     .values(
@@ -852,9 +917,8 @@ _ADVANCE_RUN = Compiled(
         phase_progress_total=None,
         heartbeat_at=db_now(),
     )
-    .returning(runs_t.c.cancel_requested_at)
 )
-_COMPLETE_RUN = Compiled(
+_COMPLETE_RUN_ROW = (
     sa.update(runs_t)
     .where(_OWNED)
     .values(
@@ -864,27 +928,70 @@ _COMPLETE_RUN = Compiled(
         phase_progress_current=None,
         phase_progress_total=None,
     )
-    .returning(runs_t.c.cancel_requested_at)
 )
-# The common boundary in one statement: phase k completed, phase k+1 running.
-_is_done = phases_t.c.phase_num == _b("b_phase")
-_CROSS_BOUNDARY = Compiled(
-    sa.update(phases_t)
-    .where(
-        phases_t.c.run_id == _b("b_run"), phases_t.c.phase_num.in_([_b("b_phase"), _b("b_next")])
-    )
-    .values(
-        status=sa.case((_is_done, "completed"), else_="running"),
-        finished_at=sa.case((_is_done, _BOUNDARY_AT), else_=None),
-        started_at=sa.case((_is_done, phases_t.c.started_at), else_=_BOUNDARY_AT),
-        attempts=sa.case((_is_done, phases_t.c.attempts), else_=phases_t.c.attempts + 1),
-    )
+
+
+class _Boundary:
+    """A run-row update and the phase-row update that follows it, in one or two statements.
+
+    On SQLite they are two statements, the second reading the instant back
+    from the run row (``_WRITTEN``). On PostgreSQL each statement is a round
+    trip that costs both processes CPU, and a run was about 30 of them (bench
+    "postgres"); there the two are one statement: the run row's update is a
+    data-modifying CTE, and the phase rows read the row it returned. Both
+    forms are composed from the same Core definitions. ``guard`` must hold
+    for the phase rows to change in the one-statement form, where Python
+    cannot look at the run row before they do.
+    """
+
+    def __init__(
+        self,
+        run_row: sa.Update,
+        phase_rows: Callable[[_RunRow], sa.Update],
+        guard: Callable[[_RunRow], sa.ColumnElement[bool]] | None = None,
+    ) -> None:
+        self.run_row = Compiled(run_row.returning(runs_t.c.cancel_requested_at))
+        self.phase_rows = Compiled(phase_rows(_WRITTEN))
+        written = run_row.returning(*(runs_t.c[name] for name in _RunRow._fields)).cte("run_row")
+        fields = _RunRow(*(written.c[name] for name in _RunRow._fields))
+        fused_rows = phase_rows(fields)
+        if guard is not None:
+            fused_rows = fused_rows.where(guard(fields))
+        changed = fused_rows.returning(phases_t.c.phase_num).cte("phase_rows")
+        self.fused = Compiled(
+            sa.select(
+                written.c.cancel_requested_at,
+                sa.select(sa.func.count()).select_from(changed).scalar_subquery().label("changed"),
+            ).select_from(written)
+        )
+
+    def execute(self, conn: Connection, params: Mapping[str, Any]) -> tuple[Any | None, bool]:
+        """The run row (None if none matched), and whether the phase rows were written too.
+
+        When they were not (SQLite, or a ``guard`` that did not hold), the
+        caller decides from the run row what the phase rows become.
+        """
+        if conn.dialect.name == "postgresql":
+            row = self.fused.execute(conn, params).first()
+            return row, row is not None and row.changed > 0
+        row = self.run_row.execute(conn, params).first()
+        return row, False
+
+
+# What a phase row takes: the claim's first phase, the common boundary (unless
+# cancelled there: by the row, or in this process), the last phase.
+_is_cancel = _b("b_cancel", type_=sa.Boolean)
+_CLAIM = _Boundary(_MARK_RUNNING_ROW, _start_phase)
+_CROSS = _Boundary(
+    _ADVANCE_RUN_ROW,
+    _cross_boundary,
+    guard=lambda run: sa.and_(run.cancel_requested_at.is_(None), sa.not_(_is_cancel)),
 )
+_FINISH = _Boundary(_COMPLETE_RUN_ROW, _complete_last_phase)
 _TOUCH_RUN = Compiled(sa.update(runs_t).where(_OWNED).values(heartbeat_at=db_now()))
 _COUNT_ATTEMPT = Compiled(
     sa.update(phases_t).where(_THIS_PHASE).values(attempts=phases_t.c.attempts + 1)
 )
-_is_cancel = _b("b_cancel", type_=sa.Boolean)
 _END_RUN = Compiled(
     sa.update(runs_t)
     .where(_OWNED)
@@ -959,10 +1066,10 @@ def finish_phase(
     """
     params: dict[str, Any] = {"b_run": run_id, "b_owner": owner, "b_phase": phase_num}
     if next_phase is None:
-        row = _COMPLETE_RUN.execute(conn, params).first()
+        row, phases_written = _FINISH.execute(conn, params)
     else:
-        params.update(b_next=next_phase[0], b_label=next_phase[1])
-        row = _ADVANCE_RUN.execute(conn, params).first()
+        params.update(b_next=next_phase[0], b_label=next_phase[1], b_cancel=cancel)
+        row, phases_written = _CROSS.execute(conn, params)
     if row is None:
         raise RunLost(f"run {run_id} is no longer owned by this runner")
     add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
@@ -974,13 +1081,15 @@ def finish_phase(
         conn, run_id=run_id, phase_num=phase_num, result=result, artifacts=published, now=now
     )
     if next_phase is None:
-        _COMPLETE_LAST_PHASE.execute(conn, params)
+        if not phases_written:
+            _FINISH.phase_rows.execute(conn, params)
         return RunStatus.COMPLETED
     if cancel or row.cancel_requested_at is not None:
         _COMPLETE_PHASE.execute(conn, params)
         _CANCEL_AT_BOUNDARY.execute(conn, params)
         return RunStatus.CANCELLED
-    _CROSS_BOUNDARY.execute(conn, params)
+    if not phases_written:
+        _CROSS.phase_rows.execute(conn, params)
     return RunStatus.RUNNING
 
 
