@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from pipeline import db, runs
 from pipeline.runs import RunStatus
+from pipeline.schema import analysis_runs, run_phases
 
 from .conftest import read_run
 
@@ -52,17 +53,17 @@ def claimed_run(engine: Engine) -> int:
     return run_id
 
 
-def row_of(engine: Engine, run_id: int) -> sa.Row[Any]:
+def row_of(engine: Engine, run_id: int) -> Any:
     """The run's row as stored, with what the API does not show (owner, heartbeat)."""
     with db.read(engine) as conn:
-        return conn.execute(sa.select(runs.runs_t).where(runs.runs_t.c.id == run_id)).one()
+        return conn.execute(sa.select(analysis_runs).where(analysis_runs.c.id == run_id)).one()
 
 
 def statuses(conn: Connection, run_id: int) -> list[str]:
     rows = conn.execute(
-        sa.select(runs.phases_t.c.status)
-        .where(runs.phases_t.c.run_id == run_id)
-        .order_by(runs.phases_t.c.phase_num)
+        sa.select(run_phases.c.status)
+        .where(run_phases.c.run_id == run_id)
+        .order_by(run_phases.c.phase_num)
     )
     return [status for (status,) in rows]
 
