@@ -306,3 +306,128 @@ def test_a_change_requested_here_reaches_the_stream_without_waiting_for_the_poll
             assert time.monotonic() - started < 30  # far from one poll, let alone two
         finally:
             listener.close()
+
+
+def test_a_boundary_crossed_by_a_worker_elsewhere_reaches_the_stream_at_once(db_url):
+    """PostgreSQL: the runner's process tells of its boundaries (the trigger no longer does).
+
+    The server executes nothing and its watcher polls once a minute. A run
+    executed by another executor crosses from phase 1 to phase 2, a change
+    of progress with no change of status: the stream still shows it within
+    seconds, through that executor's Notifier.
+    """
+    from pipeline.orchestrator import Executor
+
+    if sa.make_url(db_url).get_backend_name() == "sqlite":
+        import pytest
+
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's (one SQLite file has one server)")
+    first, second = threading.Event(), threading.Event()
+    elsewhere = Pipeline(
+        "alpha",
+        [
+            (1, "First", lambda conn, ctx: first.wait(20)),
+            (2, "Second", lambda c, x: second.wait(20)),
+        ],
+    )
+    with serving(db_url, executor="worker") as (server, app):
+        app.state.watcher._interval = 60.0
+        wait_for(lambda: app.state.service.listener.listening.is_set())
+        listener = Listener(server.url)
+        executor = Executor(db_url, [elsewhere], heartbeat_seconds=3600)
+        try:
+            run = post(server, "alpha")
+            executor.wake()
+            listener.until(lambda r: r["id"] == run["id"] and r["current_phase"] == 1, 10)
+            first.set()
+            moved = listener.until(lambda r: r["id"] == run["id"] and r["current_phase"] == 2, 10)
+            assert moved["status"] == "running"
+            assert moved["phases"][0]["status"] == "completed"
+        finally:
+            first.set()
+            second.set()
+            executor.shutdown()
+            listener.close()
+
+
+def test_the_trigger_notifies_of_a_runs_state_not_of_its_progress(db_url):
+    """PostgreSQL: a NOTIFY serialises commits, so progress updates must not send one."""
+    import psycopg
+
+    from pipeline import db, notify, runs
+    from pipeline.schema import analysis_runs
+
+    if sa.make_url(db_url).get_backend_name() == "sqlite":
+        import pytest
+
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    engine = db.create_engine(db_url)
+    with psycopg.connect(notify.conninfo(db_url), autocommit=True) as listening:
+        listening.execute(f"LISTEN {notify.CHANGED}")
+
+        def heard() -> int:
+            listening.execute("SELECT 1")  # reads what arrived meanwhile
+            return len(list(listening.notifies(timeout=0.2)))
+
+        try:
+            with db.write(engine) as conn:
+                run_id = runs.create_run(conn, params={}).id
+            assert heard() == 1
+            table = analysis_runs
+            with db.write(engine) as conn:
+                conn.execute(
+                    sa.update(table)
+                    .where(table.c.id == run_id)
+                    .values(
+                        progress_current=1, phase_progress_current=5, heartbeat_at=sa.func.now()
+                    )
+                )
+            assert heard() == 0
+            for change in (
+                {"status": "running", "owner": "x"},
+                {"cancel_requested_at": sa.func.now()},
+            ):
+                with db.write(engine) as conn:
+                    conn.execute(sa.update(table).where(table.c.id == run_id).values(**change))
+                assert heard() == 1
+        finally:
+            engine.dispose()
+
+
+def test_a_notifier_folds_many_changes_into_a_few_notifications(db_url):
+    """A burst of boundaries is one NOTIFY or two, not one each; stop() sends what is pending."""
+    import psycopg
+
+    from pipeline import notify
+
+    if sa.make_url(db_url).get_backend_name() == "sqlite":
+        import pytest
+
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    notifier = notify.Notifier(db_url, spacing=0.5)
+    with psycopg.connect(notify.conninfo(db_url), autocommit=True) as listening:
+        listening.execute(f"LISTEN {notify.CHANGED}")
+        for _ in range(200):
+            notifier.changed()
+        notifier.stop()
+        listening.execute("SELECT 1")
+        heard = len(list(listening.notifies(timeout=0.5)))
+    assert 1 <= notifier.sent <= 2
+    assert heard == notifier.sent
+
+
+def test_a_notifier_that_cannot_connect_warns_once_and_stops(caplog):
+    """Nothing raises into the runner; the polls are the fallback."""
+    from pipeline import notify
+
+    notifier = notify.Notifier("postgresql+psycopg://postgres@127.0.0.1:9/none", spacing=0.01)
+    with caplog.at_level("WARNING", logger="pipeline.notify"):
+        for _ in range(3):
+            notifier.changed()
+            wait_for(lambda: not notifier._changed)
+        notifier.stop()
+    assert notifier.sent == 0
+    assert notifier._thread is not None
+    assert not notifier._thread.is_alive()
+    warnings = [r for r in caplog.records if "progress failed" in r.getMessage()]
+    assert len(warnings) == 1

@@ -249,11 +249,13 @@ class Heartbeat:
         interval: float,
         beats: Callable[[], list[Beat]],
         on_cancel: Callable[[int], None],
+        on_beat: Callable[[], None] = lambda: None,
     ) -> None:
         self.url = url
         self.interval = interval
         self._beats = beats
         self._on_cancel = on_cancel
+        self._on_beat = on_beat  # after each beat committed: progress others may watch
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -286,6 +288,7 @@ class Heartbeat:
                 except Exception:
                     log.exception("heartbeat failed; will try again")
                     continue
+                self._on_beat()
                 for run_id, cancel in answer.items():
                     if cancel:
                         self._on_cancel(run_id)

@@ -1,8 +1,10 @@
 """Wake-ups on PostgreSQL: ``LISTEN`` for runs that became claimable, or changed.
 
 Migration 0006's trigger sends ``NOTIFY pipeline_runs_queued`` whenever a run
-is created, resumed or requeued (whoever did it); migration 0007's sends
-``NOTIFY pipeline_runs_changed`` whenever a statement changes runs. A
+is created, resumed or requeued (whoever did it); migration 0009's sends
+``NOTIFY pipeline_runs_changed`` whenever a statement changes a run's status,
+cancel request or owner, and a :class:`Notifier` sends it, after the commit,
+for the phase boundaries and heartbeats of its process's runners. A
 :class:`Listener` thread in each server and worker holds one connection that
 listens to the channels its process has a use for: an executor wakes at once
 for a queued run, and the shared watcher of ``GET /events`` (``pipeline.watch``)
@@ -18,6 +20,7 @@ import os
 import select
 import threading
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -31,6 +34,9 @@ CHANGED = "pipeline_runs_changed"
 WAIT_SECONDS = 5.0
 RECONNECT_SECONDS = (0.5, 1.0, 2.0, 5.0)
 APPLICATION_NAME = "pipeline-listener"
+# A Notifier tells of its process's progress at most this often: a watcher
+# looks at most every 0.1 s anyway (pipeline.watch).
+NOTIFY_SPACING_SECONDS = 0.1
 
 
 def conninfo(url: str) -> str:
@@ -105,3 +111,78 @@ class Listener:
                 self._channels[channel]()
             except Exception:
                 log.exception("waking for %s failed", channel)
+
+
+class Notifier:
+    """Tells every server's watcher that runs here moved on: after the commit, folded.
+
+    A NOTIFY inside a transaction takes a database-wide lock at its commit,
+    so transactions that notify commit one at a time; a trigger's NOTIFY at
+    every phase boundary made the runners queue behind it (migration 0009).
+    The runners call :meth:`changed` after a boundary commits, the heartbeat
+    after a beat; a daemon thread sends one ``NOTIFY`` for all the calls of
+    the last ``spacing`` seconds, on its own autocommit connection. If that
+    fails, the watchers' polls still see the change, a second or so later.
+    """
+
+    def __init__(self, url: str, *, spacing: float = NOTIFY_SPACING_SECONDS) -> None:
+        self._conninfo = conninfo(url)
+        self._spacing = spacing
+        self._changed = False  # since the last NOTIFY
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.sent = 0
+
+    def changed(self) -> None:
+        """From any thread: a committed change that the trigger does not tell of."""
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._stop.is_set():
+                    self._thread = threading.Thread(
+                        target=self._loop, name="pipeline-notifier", daemon=True
+                    )
+                    self._thread.start()
+        self._changed = True
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Send what is pending, then end the thread and close its connection."""
+        with self._lock:
+            self._stop.set()
+            thread = self._thread
+        self._wake.set()
+        if thread is not None:
+            thread.join(10)
+
+    def _loop(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        failed = False
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._changed:
+                    self._changed = False
+                    try:
+                        if conn is None:
+                            conn = psycopg.connect(
+                                self._conninfo, autocommit=True, application_name=APPLICATION_NAME
+                            )
+                        conn.execute(f"NOTIFY {CHANGED}")
+                        self.sent += 1
+                        failed = False
+                    except psycopg.Error as exc:
+                        if not failed:
+                            log.warning("telling other servers of progress failed (%s)", exc)
+                        failed = True
+                        if conn is not None:
+                            conn.close()
+                        conn = None
+                if self._stop.is_set():
+                    return
+                self._stop.wait(self._spacing)
+        finally:
+            if conn is not None:
+                conn.close()

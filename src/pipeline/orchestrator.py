@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pipeline import artifacts, db, liveness, runs
+from pipeline import artifacts, db, liveness, notify, runs
 from pipeline.metrics import Metrics
 from pipeline.params import validate_params
 from pipeline.pipelines import DEFAULT_NAME, Pipeline, as_pipelines, choose_pipeline
@@ -371,8 +371,17 @@ class Executor:
         self._runners = 0
         self._recheck = False
         self._stopping = threading.Event()
+        # PostgreSQL: other servers' watchers hear of boundaries and beats from
+        # here, after they commit (the trigger tells only of a run's state).
+        self._notifier: notify.Notifier | None = None
+        if sa.make_url(url).get_backend_name() != "sqlite":
+            self._notifier = notify.Notifier(url)
         self._heartbeat = liveness.Heartbeat(
-            url, interval=heartbeat_seconds, beats=self._beats, on_cancel=self.notify_cancel
+            url,
+            interval=heartbeat_seconds,
+            beats=self._beats,
+            on_cancel=self.notify_cancel,
+            on_beat=self._moved,
         )
         self._serial = 0
 
@@ -586,6 +595,8 @@ class Executor:
                 status = self._attempt_phase(
                     conn, ctx, fn, owner, following, chain if following is None else None
                 )
+                if status is RunStatus.RUNNING:
+                    self._moved()
                 if status is RunStatus.COMPLETED:
                     ctx.logger.info("run completed")
                 if status is RunStatus.CANCELLED:
@@ -663,6 +674,7 @@ class Executor:
             attempt += 1
             if not self._record_retry(conn, ctx, owner):
                 return None
+            self._moved()
 
     @staticmethod
     def _retry_kind(policy: RetryPolicy, exc: BaseException, retried: dict[str, int]) -> str | None:
@@ -815,6 +827,11 @@ class Executor:
         entry = self._active.get(run_id)
         return None if entry is None else entry[0]._progress
 
+    def _moved(self) -> None:
+        """A runner's progress committed; on PostgreSQL, tell other servers (folded)."""
+        if self._notifier is not None:
+            self._notifier.changed()
+
     def notify_cancel(self, run_id: int) -> None:
         """A cancel request made in this process reaches the phase at once."""
         entry = self._active.get(run_id)
@@ -878,6 +895,8 @@ class Executor:
             if deadline is not None and time.monotonic() >= deadline:
                 break
         self._heartbeat.stop()
+        if self._notifier is not None:
+            self._notifier.stop()
         with self._lock:
             return not self._threads
 
