@@ -31,9 +31,14 @@ CLAIM_SELECT_NEXT = (
     "WHERE analysis_runs.status = ? AND analysis_runs.owner IS NULL "
     "ORDER BY analysis_runs.id LIMIT ? OFFSET ?"
 )
-INSERT_PHASES = (
-    "INSERT INTO run_phases (run_id, phase_num, label, status, attempts) VALUES (?, ?, ?, ?, ?)"
-)
+INSERT_PHASES = "INSERT INTO run_phases (run_id, phase_num, label, status, attempts) VALUES "
+
+
+def insert_phases(count: int) -> str:
+    """``count`` phase rows in one statement, as ``runs._insert_phases`` (1,000 at most)."""
+    return INSERT_PHASES + ", ".join(["(?, ?, ?, ?, ?)"] * count)
+
+
 MARK_RUNNING = (
     "UPDATE analysis_runs SET status=?, current_phase=?, phase_label=?, progress_current=?, "
     "progress_total=?, phase_progress_current=?, phase_progress_total=?, "
@@ -96,7 +101,10 @@ def claim(
         return None
     run_id = int(row[0])
     # A fresh run (as every run here is) has no phase rows to read: they are inserted.
-    conn.executemany(INSERT_PHASES, [(run_id, n, lb, "pending", 0) for n, lb in labels])
+    for start in range(0, len(labels), 1000):
+        chunk = labels[start : start + 1000]
+        values = [v for n, lb in chunk for v in (run_id, n, lb, "pending", 0)]
+        conn.execute(insert_phases(len(chunk)), values)
     first, label = labels[0]
     conn.execute(
         MARK_RUNNING,
