@@ -862,8 +862,12 @@ def _start_phase(run: _RunRow) -> sa.Update:
     return (
         sa.update(phases_t)
         .where(phases_t.c.run_id == run.id, phases_t.c.phase_num == _b("b_phase"))
-        .values(status="running", attempts=phases_t.c.attempts + 1, started_at=run.heartbeat_at)
-        .values(finished_at=None)
+        .values(
+            status="running",
+            attempts=phases_t.c.attempts + 1,
+            started_at=run.heartbeat_at,
+            finished_at=None,
+        )
     )
 
 
