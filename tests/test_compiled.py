@@ -162,6 +162,35 @@ def test_a_constraint_violation_is_sqlalchemys_integrity_error(db_url, engine):
     assert len(run.phases) == 1
 
 
+def test_sqlite_statements_share_one_cursor_until_one_fails(sqlite_url):
+    """One kept cursor serves a connection's compiled statements; a failure replaces it."""
+    engine = db.create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert isinstance(dbapi, db.SQLiteConnection)
+            with conn.begin():
+                run_id = runs.create_run(conn, params={}).id
+                kept = dbapi.statement_cursor()
+                runs.create_run(conn, params={})
+                assert dbapi.statement_cursor() is kept
+            row = {"b_run": run_id, "b_num_0": 1, "b_label_0": "One"}
+            with conn.begin():
+                runs._insert_phases(1).execute(conn, row)
+            with pytest.raises(sa.exc.IntegrityError), conn.begin():
+                runs._insert_phases(1).execute(conn, row)
+            assert dbapi._kept is None  # dropped with its failed statement
+            with conn.begin():  # the connection goes on, with a new cursor
+                assert runs.get_run(conn, run_id=run_id) is not None
+                assert dbapi.statement_cursor() is not kept
+        with db.read(engine) as conn:  # what committed is there, the failed insert is not
+            run = runs.get_run(conn, run_id=run_id)
+        assert run is not None
+        assert len(run.phases) == 1
+    finally:
+        engine.dispose()
+
+
 def test_listeners_see_compiled_statements(engine):
     """Tracing listeners (the benchmarks', a user's) see every statement, as with conn.execute."""
     seen: list[str] = []

@@ -39,6 +39,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from pipeline.db import SQLiteConnection
+
 Processor = Callable[[Any], Any]
 Statement = sa.Insert | sa.Update | sa.Delete | sa.Select[Any]
 
@@ -178,9 +180,11 @@ class Compiled:
             many, bound = True, [_bind(form, p) for p in params]
         dbapi_conn = conn.connection.dbapi_connection
         assert dbapi_conn is not None
+        # On SQLite, one kept cursor, after the deferred BEGIN (pipeline.db).
+        kept = isinstance(dbapi_conn, SQLiteConnection)
         cursor = None
         try:
-            cursor = dbapi_conn.cursor()  # on SQLite, sends the deferred BEGIN (pipeline.db)
+            cursor = dbapi_conn.statement_cursor() if kept else dbapi_conn.cursor()
             if conn._has_events or conn.engine._has_events:  # as SQLAlchemy itself decides
                 conn.dispatch.before_cursor_execute(conn, cursor, form.sql, bound, None, many)
             if many:
@@ -188,12 +192,18 @@ class Compiled:
             else:
                 cursor.execute(form.sql, bound)
             rows = _fetch(form, conn.dialect, cursor) if cursor.description else []
-            return Rows(rows, cursor.rowcount)
-        except conn.dialect.loaded_dbapi.Error as exc:
-            raise _wrapped(conn, exc, form.sql, bound, cursor) from exc
-        finally:
-            if cursor is not None:
+            result = Rows(rows, cursor.rowcount)
+        except BaseException as exc:
+            if kept:
+                dbapi_conn.drop_statement_cursor()
+            elif cursor is not None:
                 cursor.close()
+            if isinstance(exc, conn.dialect.loaded_dbapi.Error):
+                raise _wrapped(conn, exc, form.sql, bound, cursor) from exc
+            raise
+        if not kept:
+            cursor.close()
+        return result
 
 
 def _processed(processor: Processor | None, value: Any) -> Any:

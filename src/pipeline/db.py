@@ -245,6 +245,27 @@ class SQLiteConnection(sqlite3.Connection):
     gate_timeout = 5.0
     _begin: str | None = None  # the BEGIN the next statement sends first
     _holds_gate = False
+    _kept: sqlite3.Cursor | None = None
+
+    def statement_cursor(self) -> sqlite3.Cursor:
+        """A cursor kept for ``pipeline.compiled``'s statements, after the deferred BEGIN.
+
+        Each of those statements is run and read to its end at once, so one
+        cursor serves them all; making and closing one per statement was
+        about a tenth of a no-op phase boundary's Python. The caller drops it
+        (:meth:`drop_statement_cursor`) after an error.
+        """
+        if self._begin is not None:
+            self._send_begin()
+        kept = self._kept
+        if kept is None:
+            kept = self._kept = super().cursor()
+        return kept
+
+    def drop_statement_cursor(self) -> None:
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.close()
 
     def defer_begin(self, begin: str = "BEGIN IMMEDIATE") -> None:
         """The transaction begins just before its first statement, with ``begin``."""
@@ -287,6 +308,7 @@ class SQLiteConnection(sqlite3.Connection):
 
     def close(self) -> None:
         self._begin = None
+        self._kept = None
         try:
             super().close()
         finally:

@@ -40,6 +40,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self._phase_timers: dict[str, Histogram] = {}
+        self._run_ends: dict[str, tuple[Counter, Histogram]] = {}
         self.runs_created = Counter("pipeline_runs_created", "Runs created.", registry=r)
         self.runs_finished = Counter(
             "pipeline_runs_finished", "Runs finished, by final status.", ["status"], registry=r
@@ -98,6 +99,17 @@ class Metrics:
         if timer is None:
             timer = self._phase_timers[label] = self.phase_duration.labels(label)
         return timer
+
+    def run_finished(self, status: str, seconds: float) -> None:
+        """Count a run that ended with ``status`` after ``seconds``; its series found once."""
+        series = self._run_ends.get(status)
+        if series is None:
+            series = self._run_ends[status] = (
+                self.runs_finished.labels(status),
+                self.run_duration.labels(status),
+            )
+        series[0].inc()
+        series[1].observe(seconds)
 
     def watch_database(self, count: Callable[[], Mapping[str, int]]) -> None:
         """Report the runs by status at every scrape, with ``count``."""

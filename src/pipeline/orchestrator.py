@@ -612,8 +612,7 @@ class Executor:
             with self._lock:
                 self._active.pop(claimed.run_id, None)
             if status is not None and status.terminal:
-                self.metrics.runs_finished.labels(status.value).inc()
-                self.metrics.run_duration.labels(status.value).observe(time.monotonic() - started)
+                self.metrics.run_finished(status.value, time.monotonic() - started)
 
     def _attempt_phase(
         self,

@@ -726,13 +726,16 @@ def _insert_phases(count: int) -> Compiled:
     )
 
 
+_PHASE_KEYS = [(f"b_num_{i}", f"b_label_{i}") for i in range(PHASE_ROWS_PER_INSERT)]
+
+
 def _add_phase_rows(conn: Connection, run_id: int, phases: Sequence[tuple[int, str]]) -> None:
     for start in range(0, len(phases), PHASE_ROWS_PER_INSERT):
         chunk = phases[start : start + PHASE_ROWS_PER_INSERT]
         params: dict[str, Any] = {"b_run": run_id}
-        for i, (num, label) in enumerate(chunk):
-            params[f"b_num_{i}"] = num
-            params[f"b_label_{i}"] = label
+        for (num_key, label_key), (num, label) in zip(_PHASE_KEYS, chunk, strict=False):
+            params[num_key] = num
+            params[label_key] = label
         _insert_phases(len(chunk)).execute(conn, params)
 
 
