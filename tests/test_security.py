@@ -348,6 +348,17 @@ def test_the_queue_cap_counts_queued_runs_whatever_their_ids(engine: Engine) -> 
             f"({first[1]}, {first[2]}, {middle[0]})"
         )
     assert [full(cap) for cap in (1, 2, 3, 4, 5)] == [True, True, True, False, False]
+    # A creation asks the same question inside its INSERT: refused exactly when full.
+    for cap in (1, 2, 3, 4, 5):
+        with engine.connect() as conn, conn.begin() as tx:
+            created = runs.create_run_below_cap(conn, cap=cap, params={})
+            tx.rollback()
+        assert (created is None) == full(cap), cap
+    assert run_count(engine) == 6  # each was rolled back; a refused one wrote nothing anyway
+    with db.write(engine) as conn:
+        conn.exec_driver_sql("UPDATE analysis_runs SET status = 'completed'")
+    with db.write(engine) as conn:  # an empty queue is below any cap
+        assert runs.create_run_below_cap(conn, cap=1, params={}) is not None
 
 
 def _open_stream(stack: ExitStack, url: str, source: str, path: str) -> httpx2.Response:

@@ -425,6 +425,57 @@ _RESERVE_RUN = Compiled(
 )
 
 
+_cap = sa.bindparam("b_cap", type_=sa.Integer)
+_QUEUED_SPAN_WIDE = (
+    sa.func.coalesce(
+        _queued_ids.order_by(runs_t.c.id.desc()).scalar_subquery()
+        - _queued_ids.order_by(runs_t.c.id).scalar_subquery()
+        + 1,
+        0,
+    )
+    >= _cap
+)
+_QUEUED_COUNT = sa.select(sa.func.count()).select_from(
+    sa.select(runs_t.c.id).where(runs_t.c.status == _QUEUED_LITERAL).limit(_cap).subquery()
+)
+# queue_full's test inside the INSERT: the bounded count only when the span is wide.
+_CREATE_BELOW_CAP = Compiled(
+    sa.insert(runs_t)
+    .from_select(
+        list(_NEW_RUN),
+        sa.select(
+            *[
+                value if isinstance(value, sa.ColumnElement) else sa.literal(value)
+                for value in _NEW_RUN.values()
+            ]
+        ).where(sa.not_(sa.and_(_QUEUED_SPAN_WIDE, _QUEUED_COUNT.scalar_subquery() >= _cap))),
+    )
+    .returning(*_RUN_COLUMNS)
+)
+
+
+def create_run_below_cap(
+    conn: Connection, *, cap: int, params: Mapping[str, Any], pipeline: str = DEFAULT_PIPELINE
+) -> Run | None:
+    """:func:`create_run`, unless ``cap`` runs or more are queued (:func:`queue_full`): None.
+
+    One statement: a creation is the API's write, and the check as a
+    statement of its own was a third of the time it held the write lock.
+    """
+    checked = validate_params(dict(params) if isinstance(params, Mapping) else params)
+    row = _CREATE_BELOW_CAP.execute(
+        conn,
+        {
+            "b_pipeline": pipeline,
+            "b_params": checked,
+            "b_owner": None,
+            "b_schedule": None,
+            "b_cap": cap,
+        },
+    ).first()
+    return None if row is None else Run.from_row(row)
+
+
 def create_run(
     conn: Connection,
     *,

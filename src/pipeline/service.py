@@ -321,9 +321,9 @@ class Service:
                 earlier = runs.idempotent_run(conn, key=idempotency[0], body_hash=idempotency[1])
                 if earlier is not None:
                     return earlier, False
-            if runs.queue_full(conn, cap=cap):
+            run = runs.create_run_below_cap(conn, cap=cap, params=stored, pipeline=name)
+            if run is None:
                 raise QueueFull(f"{cap} runs are already queued (PIPELINE_MAX_QUEUED_RUNS)")
-            run = runs.create_run(conn, params=stored, pipeline=name)
             if idempotency is not None:
                 runs.remember_key(conn, key=idempotency[0], body_hash=idempotency[1], run_id=run.id)
         return run, True
