@@ -135,14 +135,25 @@ class Compiled:
     ``bindparam`` names); a list of mappings is an executemany.
     """
 
-    __slots__ = ("_forms", "statement")
+    __slots__ = ("_forms", "_last", "statement")
 
     def __init__(self, statement: Statement) -> None:
         self.statement = statement
         self._forms: dict[str, _Form | None] = {}
+        # The dialect (one per engine) last asked for, and its form: a process
+        # mostly asks for one, and naming it cost as much as finding it.
+        self._last: tuple[Dialect, _Form | None] | None = None
 
     def form(self, dialect: Dialect) -> _Form | None:
         """This statement compiled for ``dialect``; None when it must go through SQLAlchemy."""
+        last = self._last
+        if last is not None and last[0] is dialect:
+            return last[1]
+        form = self._form(dialect)
+        self._last = (dialect, form)
+        return form
+
+    def _form(self, dialect: Dialect) -> _Form | None:
         key = f"{dialect.name}+{dialect.driver}"
         try:
             return self._forms[key]
