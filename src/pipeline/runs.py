@@ -459,8 +459,9 @@ def create_run_below_cap(
 ) -> Run | None:
     """:func:`create_run`, unless ``cap`` runs or more are queued (:func:`queue_full`): None.
 
-    One statement: a creation is the API's write, and the check as a
-    statement of its own was a third of the time it held the write lock.
+    One statement: the check, as a statement of its own, was one more trip
+    through the driver while the creation held SQLite's write lock, which
+    the runners wait for.
     """
     checked = validate_params(dict(params) if isinstance(params, Mapping) else params)
     row = _CREATE_BELOW_CAP.execute(
