@@ -128,7 +128,7 @@ def test_compiled_reads_give_what_sqlalchemy_gives(db_url, engine):
         and name != "runs._next_queued"
         and not name.endswith(".fused")  # writes
     }
-    params = {"b_run": run_id, "b_owner": None, "b_after": 0, "b_limit": 10}
+    params = {"b_run": run_id, "b_owner": None, "b_after": 0, "b_cap": 10}
     with db.read(engine) as conn:
         for name, compiled in reads.items():
             form = compiled.form(conn.dialect)

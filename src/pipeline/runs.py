@@ -365,36 +365,35 @@ def get_status(conn: Connection, *, run_id: int, for_update: bool = False) -> Ru
     return None if value is None else RunStatus(value)
 
 
-_QUEUED_UP_TO = Compiled(
-    sa.select(sa.func.count()).select_from(
-        sa.select(runs_t.c.id)
-        .where(runs_t.c.status == _QUEUED_LITERAL)
-        .limit(sa.bindparam("b_limit"))
-        .subquery()
-    )
-)
 _queued_ids = sa.select(runs_t.c.id).where(runs_t.c.status == _QUEUED_LITERAL).limit(1)
-_QUEUED_SPAN = Compiled(
-    sa.select(
-        _queued_ids.order_by(runs_t.c.id).scalar_subquery().label("lowest"),
-        _queued_ids.order_by(runs_t.c.id.desc()).scalar_subquery().label("highest"),
+_cap = sa.bindparam("b_cap", type_=sa.Integer)
+# Whether ``b_cap`` runs or more are queued. Counting the queue costs as many
+# index entries as there are queued runs, and every creation asks (at 5,000
+# queued, a creation took twice as long as at none). Run ids are unique, so
+# queued ids that span fewer than ``b_cap`` numbers are fewer than ``b_cap``
+# runs: two seeks of the status index answer, and the bounded count is
+# evaluated only when the span is that wide (AND stops at a false left side).
+_QUEUE_FULL = sa.and_(
+    sa.func.coalesce(
+        _queued_ids.order_by(runs_t.c.id.desc()).scalar_subquery()
+        - _queued_ids.order_by(runs_t.c.id).scalar_subquery()
+        + 1,
+        0,
     )
+    >= _cap,
+    sa.select(sa.func.count())
+    .select_from(
+        sa.select(runs_t.c.id).where(runs_t.c.status == _QUEUED_LITERAL).limit(_cap).subquery()
+    )
+    .scalar_subquery()
+    >= _cap,
 )
+_IS_QUEUE_FULL = Compiled(sa.select(_QUEUE_FULL))
 
 
 def queue_full(conn: Connection, *, cap: int) -> bool:
-    """Whether ``cap`` runs or more are queued.
-
-    Counting the queue costs as many index entries as there are queued runs,
-    and every creation asks (at 5,000 queued, a creation took twice as long
-    as at none). Run ids are unique, so queued ids that span fewer than
-    ``cap`` numbers are fewer than ``cap`` runs: two seeks of the status
-    index answer, and the bounded count runs only when the span is that wide.
-    """
-    span = _QUEUED_SPAN.execute(conn).one()
-    if span.lowest is None or span.highest - span.lowest + 1 < cap:
-        return False
-    return int(_QUEUED_UP_TO.execute(conn, {"b_limit": cap}).one()[0]) >= cap
+    """Whether ``cap`` runs or more are queued; a creation asks the same inside its INSERT."""
+    return bool(_IS_QUEUE_FULL.execute(conn, {"b_cap": cap}).scalar())
 
 
 def count_by_status(conn: Connection) -> dict[RunStatus, int]:
@@ -425,20 +424,7 @@ _RESERVE_RUN = Compiled(
 )
 
 
-_cap = sa.bindparam("b_cap", type_=sa.Integer)
-_QUEUED_SPAN_WIDE = (
-    sa.func.coalesce(
-        _queued_ids.order_by(runs_t.c.id.desc()).scalar_subquery()
-        - _queued_ids.order_by(runs_t.c.id).scalar_subquery()
-        + 1,
-        0,
-    )
-    >= _cap
-)
-_QUEUED_COUNT = sa.select(sa.func.count()).select_from(
-    sa.select(runs_t.c.id).where(runs_t.c.status == _QUEUED_LITERAL).limit(_cap).subquery()
-)
-# queue_full's test inside the INSERT: the bounded count only when the span is wide.
+# A creation below the cap: queue_full's test is the INSERT's.
 _CREATE_BELOW_CAP = Compiled(
     sa.insert(runs_t)
     .from_select(
@@ -448,7 +434,7 @@ _CREATE_BELOW_CAP = Compiled(
                 value if isinstance(value, sa.ColumnElement) else sa.literal(value)
                 for value in _NEW_RUN.values()
             ]
-        ).where(sa.not_(sa.and_(_QUEUED_SPAN_WIDE, _QUEUED_COUNT.scalar_subquery() >= _cap))),
+        ).where(sa.not_(_QUEUE_FULL)),
     )
     .returning(*_RUN_COLUMNS)
 )
