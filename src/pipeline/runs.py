@@ -449,18 +449,22 @@ def create_run_below_cap(
     through the driver while the creation held SQLite's write lock, which
     the runners wait for.
     """
-    checked = validate_params(dict(params) if isinstance(params, Mapping) else params)
-    row = _CREATE_BELOW_CAP.execute(
-        conn,
-        {
-            "b_pipeline": pipeline,
-            "b_params": checked,
-            "b_owner": None,
-            "b_schedule": None,
-            "b_cap": cap,
-        },
-    ).first()
+    binds = _new_run(params, pipeline=pipeline, owner=None, schedule_id=None)
+    row = _CREATE_BELOW_CAP.execute(conn, {**binds, "b_cap": cap}).first()
     return None if row is None else Run.from_row(row)
+
+
+def _new_run(
+    params: Mapping[str, Any], *, pipeline: str, owner: str | None, schedule_id: int | None
+) -> dict[str, Any]:
+    """A new run's binds (``_NEW_RUN``), its params checked as every door must."""
+    checked = validate_params(dict(params) if isinstance(params, Mapping) else params)
+    return {
+        "b_pipeline": pipeline,
+        "b_params": checked,
+        "b_owner": owner,
+        "b_schedule": schedule_id,
+    }
 
 
 def create_run(
@@ -478,11 +482,8 @@ def create_run(
     Raises :class:`pipeline.params.InvalidParams` (nothing written) for params
     that a later read could not handle: every door creates runs here.
     """
-    checked = validate_params(dict(params) if isinstance(params, Mapping) else params)
-    row = (_CREATE_RUN if owner is None else _RESERVE_RUN).execute(
-        conn,
-        {"b_pipeline": pipeline, "b_params": checked, "b_owner": owner, "b_schedule": schedule_id},
-    )
+    binds = _new_run(params, pipeline=pipeline, owner=owner, schedule_id=schedule_id)
+    row = (_CREATE_RUN if owner is None else _RESERVE_RUN).execute(conn, binds)
     return Run.from_row(row.one())
 
 
