@@ -19,7 +19,7 @@ from pipeline import artifacts, db, liveness, runs
 from pipeline.compiled import Compiled
 from pipeline.orchestrator import Executor
 
-from .conftest import wait_for
+from .conftest import read_run, wait_for
 
 HOT_MODULES = (runs, artifacts, liveness)
 DIALECTS = (sqlite.dialect(), postgresql.psycopg.dialect())
@@ -147,6 +147,28 @@ def test_compiled_reads_give_what_sqlalchemy_gives(db_url, engine):
     assert run.phases[0].has_result
     assert [a.key for a in run.artifacts] == ["table"]
     assert [w.message for w in run.warnings] == ["a warning"]
+
+
+@pytest.mark.parametrize("door", ["create_run", "below_cap", "reserved", "scheduled"])
+def test_a_created_run_is_what_a_read_of_its_row_gives(engine, door):
+    """A creation reads back only its id and created_at; the rest of the run it returns is
+    what it wrote, and must be the row's, field for field."""
+    params = {"n": 3, "nested": {"list": [1, 2.5, None, True], "pair": [1, "two"]}, "text": "é"}
+    with db.write(engine) as conn:
+        if door == "below_cap":
+            made = runs.create_run_below_cap(conn, cap=10, params=params, pipeline="other")
+        elif door == "reserved":
+            made = runs.create_run(conn, params=params, owner="host:1:2:thread")
+        elif door == "scheduled":
+            made = runs.create_run(conn, params=params, schedule_id=7)
+        else:
+            made = runs.create_run(conn, params=params)
+    assert made is not None
+    params["n"] = 4  # the caller's dict is not the run's
+    assert made == read_run(engine, made.id)
+    assert made.params["n"] == 3
+    assert made.params["nested"] == {"list": [1, 2.5, None, True], "pair": [1, "two"]}
+    assert made.created_at.tzinfo is not None
 
 
 def test_a_constraint_violation_is_sqlalchemys_integrity_error(db_url, engine):

@@ -246,6 +246,28 @@ def test_failed_phase_rolls_back_and_run_is_failed(db_url, items, caplog, exc, e
     assert getattr(errors[0], "run_id", None) == run_id
 
 
+def test_run_log_records_name_their_run_and_phase(sqlite_url, caplog):
+    """The runner's own INFO records and a phase's ``ctx.logger`` say which run and phase,
+    in the message and as record attributes, each record the phase it was made in."""
+
+    def first(conn, ctx):
+        ctx.logger.info("hello from one")
+
+    def second(conn, ctx):
+        ctx.logger.warning("careful in two")
+
+    caplog.set_level(logging.INFO, logger="pipeline.run")
+    run_id = run_to_end(sqlite_url, [(1, "One", first), (2, "Two", second)])
+    seen = [(r.getMessage(), r.run_id, r.phase) for r in caplog.records if r.name == "pipeline.run"]
+    assert seen == [
+        (f"run {run_id} phase 1: phase started: One", run_id, 1),
+        (f"run {run_id} phase 1: hello from one", run_id, 1),
+        (f"run {run_id} phase 2: phase started: Two", run_id, 2),
+        (f"run {run_id} phase 2: careful in two", run_id, 2),
+        (f"run {run_id} phase 2: run completed", run_id, 2),
+    ]
+
+
 def test_read_then_write_then_raise_leaves_nothing(db_url, items):
     """DDL, a CTE write and writes after a read all roll back with the phase (real BEGIN)."""
 

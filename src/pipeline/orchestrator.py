@@ -165,7 +165,7 @@ class RunContext:
         self.phase_num = 0
         self.phase_label = ""
         self.warnings: list[str] = []
-        self.logger = RunLogger(run_log, {"run_id": run_id, "phase": None})
+        self._logger: RunLogger | None = None
         self._phase_warnings_from = 0
         self._cancel = threading.Event()
         # (phase_num, current, total): one tuple, replaced whole, so the
@@ -173,6 +173,15 @@ class RunContext:
         self._progress: tuple[int, int | None, int | None] = (0, None, None)
         # The next run, claimed by the runner in this run's last transaction.
         self._chained: runs.Claimed | None = None
+
+    @property
+    def logger(self) -> RunLogger:
+        """A logger whose records name the run and the phase (made when first used in a phase)."""
+        logger = self._logger
+        if logger is None:
+            extra = {"run_id": self.run_id, "phase": self.phase_num or None}
+            logger = self._logger = RunLogger(run_log, extra)
+        return logger
 
     def warn(self, message: str) -> None:
         """Record a non-fatal problem; it is kept even if the phase fails later."""
@@ -256,7 +265,7 @@ class RunContext:
         self.phase_label = label
         self._phase_warnings_from = len(self.warnings)
         self._progress = (num, None, None)
-        self.logger = RunLogger(run_log, {"run_id": self.run_id, "phase": num})
+        self._logger = None
 
     def _begin_attempt(self) -> None:
         """A new attempt starts clean: nothing of a rolled-back one is kept."""
@@ -597,7 +606,7 @@ class Executor:
                 )
                 if status is RunStatus.RUNNING:
                     self._moved()
-                if status is RunStatus.COMPLETED:
+                if status is RunStatus.COMPLETED and run_log.isEnabledFor(logging.INFO):
                     ctx.logger.info("run completed")
                 if status is RunStatus.CANCELLED:
                     ctx.logger.info("run cancelled at the boundary after phase %d", num)
@@ -713,7 +722,10 @@ class Executor:
         following: Phase | None,
         chain: Callable[[], runs.Claimed | None] | None = None,
     ) -> RunStatus:
-        ctx.logger.info("phase started: %s", ctx.phase_label)
+        # With INFO off (Python's default when embedded; the CLI turns it on),
+        # the adapter and its record are not even built.
+        if run_log.isEnabledFor(logging.INFO):
+            ctx.logger.info("phase started: %s", ctx.phase_label)
         ctx._begin_attempt()
         with db.translate_errors(), conn.begin() as tx:
             # A result that cannot be stored fails the phase here, rolled back.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import functools
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -416,11 +417,14 @@ _NEW_RUN = {
     "schedule_id": sa.bindparam("b_schedule", type_=runs_t.c.schedule_id.type),
     "created_at": db_now(),
 }
-_CREATE_RUN = Compiled(sa.insert(runs_t).values(_NEW_RUN).returning(*_RUN_COLUMNS))
+# What the database decides of a new run; the rest is what was written
+# (_created), so a creation reads back two columns instead of the whole row.
+_ASSIGNED = (runs_t.c.id, runs_t.c.created_at)
+_CREATE_RUN = Compiled(sa.insert(runs_t).values(_NEW_RUN).returning(*_ASSIGNED))
 # A reserved run has a heartbeat from its creation, so that other hosts can tell
 # when the process that reserved it died before starting it.
 _RESERVE_RUN = Compiled(
-    sa.insert(runs_t).values({**_NEW_RUN, "heartbeat_at": db_now()}).returning(*_RUN_COLUMNS)
+    sa.insert(runs_t).values({**_NEW_RUN, "heartbeat_at": db_now()}).returning(*_ASSIGNED)
 )
 
 
@@ -436,7 +440,7 @@ _CREATE_BELOW_CAP = Compiled(
             ]
         ).where(sa.not_(_QUEUE_FULL)),
     )
-    .returning(*_RUN_COLUMNS)
+    .returning(*_ASSIGNED)
 )
 
 
@@ -451,7 +455,34 @@ def create_run_below_cap(
     """
     binds = _new_run(params, pipeline=pipeline, owner=None, schedule_id=None)
     row = _CREATE_BELOW_CAP.execute(conn, {**binds, "b_cap": cap}).first()
-    return None if row is None else Run.from_row(row)
+    return None if row is None else _created(row, binds)
+
+
+def _created(row: Any, binds: Mapping[str, Any]) -> Run:
+    """The run just inserted (``_NEW_RUN`` with ``binds``), as a read of its row would give it.
+
+    Reading the whole row back was about 6% of a creation's instructions
+    (callgrind), inside the write lock. The params go through JSON as the
+    stored copy does, so the run does not share the caller's dict.
+    """
+    return Run(
+        id=row.id,
+        pipeline=binds["b_pipeline"],
+        schedule_id=binds["b_schedule"],
+        status=RunStatus.QUEUED,
+        params=json.loads(json.dumps(binds["b_params"])),
+        current_phase=None,
+        phase_label=None,
+        progress_current=0,
+        progress_total=None,
+        phase_progress_current=None,
+        phase_progress_total=None,
+        error_message=None,
+        created_at=row.created_at,
+        started_at=None,
+        completed_at=None,
+        cancel_requested_at=None,
+    )
 
 
 def _new_run(
@@ -484,7 +515,7 @@ def create_run(
     """
     binds = _new_run(params, pipeline=pipeline, owner=owner, schedule_id=schedule_id)
     row = (_CREATE_RUN if owner is None else _RESERVE_RUN).execute(conn, binds)
-    return Run.from_row(row.one())
+    return _created(row.one(), binds)
 
 
 # -- Idempotency-Key: next to the run creation it guards ------------------------
