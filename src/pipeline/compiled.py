@@ -121,7 +121,9 @@ class _Form:
         columns = compiled._result_columns  # SQLAlchemy's own list of what a row holds
         self.row: Any = NamedTuple("Row", [(c.keyname, Any) for c in columns]) if columns else None
         self.types = [c.type for c in columns]
-        self.readers: list[Processor | None] | None = None  # from the first cursor.description
+        # (position, processor) of the columns that have one, from the first
+        # cursor.description (the driver's type codes are known only then).
+        self.readers: tuple[tuple[int, Processor], ...] | None = None
 
 
 class _Unsupported(Exception):
@@ -230,26 +232,31 @@ def _bind(form: _Form, params: Mapping[str, Any]) -> Any:
 
 
 def _fetch(form: _Form, dialect: Dialect, cursor: Any) -> list[Any]:
+    """The rows as named tuples, each value through its type's result processor.
+
+    Only the columns that have a processor are visited, and the tuple is made
+    with ``_make`` rather than by calling the class: for a one-column
+    ``RETURNING`` (a boundary's) that was 1.0 µs a row against 0.4, and for
+    a run's 16 columns 2.9 µs against 1.7 (timeit).
+    """
     raw = cursor.fetchall()
     readers = form.readers
-    if readers is None:  # the driver's type codes are known once a cursor has run
-        readers = form.readers = [
+    if readers is None:
+        processors = [
             type_.dialect_impl(dialect).result_processor(dialect, column[1])
             for type_, column in zip(form.types, cursor.description, strict=True)
         ]
-    make = form.row
-    assert make is not None
-    if not any(readers):
-        return [make(*r) for r in raw]
-    return [
-        make(
-            *[
-                value if read is None else read(value)
-                for read, value in zip(readers, r, strict=True)
-            ]
-        )
-        for r in raw
-    ]
+        readers = form.readers = tuple((i, p) for i, p in enumerate(processors) if p is not None)
+    make = form.row._make
+    if not readers:
+        return [make(r) for r in raw]
+    rows = []
+    for r in raw:
+        values = list(r)
+        for i, read in readers:
+            values[i] = read(values[i])
+        rows.append(make(values))
+    return rows
 
 
 def _wrapped(conn: Connection, exc: Any, sql: str, params: Any, cursor: Any) -> sa.exc.DBAPIError:
