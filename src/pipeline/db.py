@@ -27,6 +27,10 @@ written down in DESIGN.md ("SQLite transactions"); the short version:
   request waited for every runner's next boundary (with 4 runners, creating
   500 runs took twice as long as with one). A request now waits for one
   transaction at most, and runners still get every fifth turn under a flood.
+* WAL checkpoints (and their fsyncs) happen in a thread of the process, not
+  in the commit of whichever writer crossed the threshold while it held the
+  gate: :mod:`pipeline.checkpoints`, poked by the gate every few hundred
+  write transactions; SQLite's own checkpoint stays as a backstop.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import Connection, Engine
+
+from pipeline import checkpoints
 
 
 class DatabaseBusy(Exception):
@@ -97,8 +103,10 @@ class _WriteGate:
     BACKGROUND_BARGES = 32
     POLL_SECONDS = 0.01
 
-    def __init__(self) -> None:
+    def __init__(self, checkpointer: checkpoints.Checkpointer | None = None) -> None:
         self._lock = threading.Lock()
+        self.checkpointer = checkpointer
+        self._writes = 0
         self._held = False
         self._waiters: deque[threading.Event] = deque()
         self._background: deque[threading.Event] = deque()
@@ -142,6 +150,10 @@ class _WriteGate:
     def release(self) -> None:
         with self._lock:
             self._release_locked()
+            self._writes += 1
+            due = self._writes % checkpoints.CHECKPOINT_EVERY == 0
+        if due and self.checkpointer is not None:  # no writer waits for the fsyncs
+            self.checkpointer.poke()
 
     def _release_locked(self) -> None:
         # Still held after a hand-off: now by the next in line.
@@ -167,7 +179,10 @@ _gates_lock = threading.Lock()
 
 def _gate_for(path: str) -> _WriteGate:
     with _gates_lock:
-        return _gates.setdefault(path, _WriteGate())
+        gate = _gates.get(path)
+        if gate is None:
+            gate = _gates[path] = _WriteGate(checkpoints.Checkpointer(path))
+        return gate
 
 
 def is_sqlite(engine: Engine | Connection) -> bool:
@@ -219,6 +234,8 @@ def create_engine(
         dbapi_conn.execute("PRAGMA journal_mode = WAL")
         dbapi_conn.execute("PRAGMA foreign_keys = ON")
         dbapi_conn.execute("PRAGMA synchronous = NORMAL")
+        if gate is not None:  # this process checkpoints in a thread (pipeline.checkpoints)
+            dbapi_conn.execute(f"PRAGMA wal_autocheckpoint = {checkpoints.BACKSTOP_PAGES}")
         dbapi_conn.gate = gate
         dbapi_conn.background = background
         dbapi_conn.gate_timeout = busy_timeout_ms / 1000
