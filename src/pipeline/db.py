@@ -85,22 +85,27 @@ class _WriteGate:
     request waits, or after ``FOREGROUND_RUN`` requests in a row.
 
     Among runners the gate is not handed over at every release: the one
-    that released may take it again at once, up to ``BACKGROUND_BARGES``
-    times in a row while another runner waits, and the oldest waiting runner
-    takes it when it is left free (it looks every ``POLL_SECONDS``). A
-    strict hand-off at every phase boundary switched threads (and the GIL)
-    at every commit, and left the lock idle while they switched: 4 runners
-    of no-op phases ran about 40% slower than 1; with this, 20-35%. What is
-    left is CPU spent switching threads, not waiting: with 8 retakes and a
-    2 ms look, 4 runners made 11 context switches a run against 1 with one
-    runner, and spent 3.0 ms of CPU a run against 2.3. With 32 retakes and
-    a 10 ms look, about 3 switches and 2.5 ms. A runner that leaves the gate
-    free is computing, so 10 ms is short beside what it is doing; requests
-    are handed the gate at once, as before.
+    that released may take it again at once, for up to ``BACKGROUND_SLICE``
+    seconds while another runner waits, and the oldest waiting runner takes
+    it when it is left free (it looks every ``POLL_SECONDS``). A strict
+    hand-off at every phase boundary switched threads (and the GIL) at every
+    commit and left the lock idle while they switched: 4 runners of no-op
+    phases ran about 40% slower than 1. A hand-over costs more than its
+    switch: the next runner's connection finds its page cache stale (another
+    connection wrote), and with a hand-over every 32 retakes (about 300 in
+    2,000 runs) even the transactions *between* hand-overs were 15-25%
+    slower than one runner's (why, I did not find: cold CPU caches are a
+    guess). With a slice of 50 ms there are about 30, and 4
+    runners ran as fast as 1 (interleaved, 2,000 runs of 5 no-op phases:
+    1,257 runs/s against 1,219 for one runner and 1,097 with 32 retakes;
+    20 ms gave 1,176, 100 ms 1,210). A runner waits at most a slice for each
+    runner ahead of it, which runs of real phases never meet: a runner that
+    leaves the gate free is computing, and the next one takes it at its next
+    look. Requests are handed the gate at once, as before.
     """
 
     FOREGROUND_RUN = 4
-    BACKGROUND_BARGES = 32
+    BACKGROUND_SLICE = 0.05
     POLL_SECONDS = 0.01
 
     def __init__(self, checkpointer: checkpoints.Checkpointer | None = None) -> None:
@@ -111,7 +116,8 @@ class _WriteGate:
         self._waiters: deque[threading.Event] = deque()
         self._background: deque[threading.Event] = deque()
         self._in_a_row = 0
-        self._barges = 0
+        self._barges = 0  # releases left free while a runner waited, since the last hand-over
+        self._slice_started = 0.0
 
     def acquire(self, timeout: float, *, background: bool = False) -> bool:
         """Wait for our turn; give up (and leave the queue) after ``timeout`` seconds."""
@@ -155,17 +161,23 @@ class _WriteGate:
         if due and self.checkpointer is not None:  # no writer waits for the fsyncs
             self.checkpointer.poke()
 
+    def _slice_over(self) -> bool:
+        """The gate was left free to the same runners for BACKGROUND_SLICE while one waited."""
+        return self._barges > 0 and time.monotonic() - self._slice_started >= self.BACKGROUND_SLICE
+
     def _release_locked(self) -> None:
         # Still held after a hand-off: now by the next in line.
         if self._waiters and not (self._background and self._in_a_row >= self.FOREGROUND_RUN):
             self._in_a_row += 1
             self._barges = 0
             self._waiters.popleft().set()
-        elif self._background and (self._waiters or self._barges >= self.BACKGROUND_BARGES):
+        elif self._background and (self._waiters or self._slice_over()):
             self._in_a_row = self._barges = 0
             self._background.popleft().set()
         elif self._background:  # left free: the releaser may take it again, or the next runner
             self._in_a_row = 0
+            if self._barges == 0:
+                self._slice_started = time.monotonic()
             self._barges += 1
             self._held = False
         else:
