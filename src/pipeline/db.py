@@ -108,9 +108,9 @@ class _WriteGate:
     BACKGROUND_SLICE = 0.05
     POLL_SECONDS = 0.01
 
-    def __init__(self, checkpointer: checkpoints.Checkpointer | None = None) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.checkpointer = checkpointer
+        self.checkpointer: checkpoints.Checkpointer | None = None
         self._writes = 0
         self._held = False
         self._waiters: deque[threading.Event] = deque()
@@ -153,13 +153,12 @@ class _WriteGate:
             queue.remove(turn)
             return False
 
-    def release(self) -> None:
+    def release(self) -> bool:
+        """Hand over or leave free; True every CHECKPOINT_EVERY releases (a checkpoint is due)."""
         with self._lock:
             self._release_locked()
             self._writes += 1
-            due = self._writes % checkpoints.CHECKPOINT_EVERY == 0
-        if due and self.checkpointer is not None:  # no writer waits for the fsyncs
-            self.checkpointer.poke()
+            return self._writes % checkpoints.CHECKPOINT_EVERY == 0
 
     def _slice_over(self) -> bool:
         """The gate was left free to the same runners for BACKGROUND_SLICE while one waited."""
@@ -193,7 +192,8 @@ def _gate_for(path: str) -> _WriteGate:
     with _gates_lock:
         gate = _gates.get(path)
         if gate is None:
-            gate = _gates[path] = _WriteGate(checkpoints.Checkpointer(path))
+            gate = _gates[path] = _WriteGate()
+            gate.checkpointer = checkpoints.Checkpointer(path, gate)
         return gate
 
 
@@ -326,7 +326,21 @@ class SQLiteConnection(sqlite3.Connection):
         try:
             super().commit()
         finally:
-            self._release_gate()
+            due = self._release_gate()
+        if due:
+            self._checkpoint_soon()
+
+    def _checkpoint_soon(self) -> None:
+        """Poke the file's checkpointer, telling it whether its fsyncs may overlap ours."""
+        assert self.gate is not None
+        checkpointer = self.gate.checkpointer
+        if checkpointer is None:
+            return
+        try:  # asked, not assumed: a connection's level can be changed after connect
+            level = self.execute("PRAGMA synchronous").fetchone()[0]
+        except sqlite3.Error:
+            level = 1
+        checkpointer.poke(overlap=level <= 1)  # OFF or NORMAL
 
     def rollback(self) -> None:
         self._begin = None
@@ -343,11 +357,13 @@ class SQLiteConnection(sqlite3.Connection):
         finally:
             self._release_gate()
 
-    def _release_gate(self) -> None:
+    def _release_gate(self) -> bool:
+        """Release the gate if held; True when a checkpoint is due (see :meth:`commit`)."""
         if self._holds_gate:
             self._holds_gate = False
             assert self.gate is not None
-            self.gate.release()
+            return self.gate.release()
+        return False
 
 
 class _SQLiteDialect(SQLiteDialect_pysqlite):
