@@ -95,13 +95,15 @@ class _WriteGate:
     connection wrote), and with a hand-over every 32 retakes (about 300 in
     2,000 runs) even the transactions *between* hand-overs were 15-25%
     slower than one runner's (why, I did not find: cold CPU caches are a
-    guess). With a slice of 50 ms there are about 30, and 4
-    runners ran as fast as 1 (interleaved, 2,000 runs of 5 no-op phases:
-    1,257 runs/s against 1,219 for one runner and 1,097 with 32 retakes;
-    20 ms gave 1,176, 100 ms 1,210). A runner waits at most a slice for each
-    runner ahead of it, which runs of real phases never meet: a runner that
-    leaves the gate free is computing, and the next one takes it at its next
-    look. Requests are handed the gate at once, as before.
+    guess). With a slice of 50 ms there are about 30 (interleaved, 2,000
+    runs of 5 no-op phases, 4 runners: 1,257 runs/s against 1,097 with 32
+    retakes; 20 ms gave 1,176, 100 ms 1,210; one runner 1,219). In full
+    benchmark runs 4 runners were still 0.80x-0.92x of one: their threads
+    use 8-14% more CPU a run, for reasons not found. A runner waits at most
+    a slice for each runner ahead of it, which runs of real phases never
+    meet: a runner that leaves the gate free is computing, and the next one
+    takes it at its next look. Requests are handed the gate at once, as
+    before.
     """
 
     FOREGROUND_RUN = 4
