@@ -223,6 +223,12 @@ class Server:
             "PIPELINE_DATABASE_URL": db_url,
             "PIPELINE_PHASES": "bench.load:PHASES",
             "PIPELINE_MAX_CONCURRENT_RUNS": str(max_concurrent),
+            # All the load's clients share one address, where a real server
+            # sees a user per address: its stream cap (20 by default) would
+            # refuse the streams of the runs kept going (one each, and one more
+            # for each resumed run), so it is sized for them.
+            "PIPELINE_MAX_STREAMS_PER_CLIENT": str(2 * max_concurrent + 20),
+            "PIPELINE_MAX_EVENT_STREAMS": str(max(200, 2 * max_concurrent + 20)),
         }
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -392,8 +398,10 @@ class Load:
                     response = source.response
                     self.stats.record(endpoint, response.status_code, time.perf_counter() - started)
                     if response.status_code != 200:
-                        await response.aread()
-                        self.stats.contract(f"events of run {run_id}: {response.status_code}")
+                        body = (await response.aread()).decode(errors="replace")
+                        self.stats.contract(
+                            f"events of run {run_id}: {response.status_code} {body[:200]}"
+                        )
                         return
                     self.stats.sse_opened += 1
                     async for event in source:
