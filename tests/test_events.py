@@ -438,3 +438,38 @@ def test_a_notifier_that_cannot_connect_warns_once_and_stops(caplog):
     assert not notifier._thread.is_alive()
     warnings = [r for r in caplog.records if "progress failed" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_look_in_flight_at_shutdown_ends_before_the_engine_closes(db_url):
+    """The watcher stops before the service closes its engine, after the look in flight.
+
+    A connection checked out when ``Engine.dispose`` runs is not closed with
+    the pool: it goes back to an orphaned pool, and the garbage collector
+    closes it some time later (psycopg warns, as a failed CI run once showed).
+    """
+    at_dispose: list[int] = []
+    looked = threading.Event()
+    with serving(db_url) as (server, app):
+        service, watcher = app.state.service, app.state.watcher
+        real_look, real_dispose = watcher._look, service.engine.dispose
+
+        def slow_look(*args: Any) -> Any:
+            with service.engine.connect():  # held through the look, as the real one holds one
+                looked.set()
+                time.sleep(1.0)  # the shutdown starts meanwhile
+            return real_look(*args)
+
+        def dispose(close: bool = True) -> None:
+            at_dispose.append(service.engine.pool.checkedout())
+            real_dispose(close)
+
+        service.engine.dispose = dispose
+        listener = Listener(server.url)
+        watcher._look = slow_look
+        try:
+            watcher.wake()
+            assert looked.wait(10)
+        finally:
+            listener.close()
+    assert at_dispose == [0]
+    assert watcher._task is None or watcher._task.done()

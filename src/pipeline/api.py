@@ -699,6 +699,7 @@ def create_router(
         return _SlotStream(_run_events(service, first, request), slots=slots, client=client)
 
     watcher = watcher or watcher_for(service)
+    service.on_stop(watcher.stop)
 
     @router.get(
         "/events",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -95,6 +95,7 @@ class Service:
         # (pipeline.notify), on the channels it has a use for.
         self.listener: Listener | None = None
         self._notified: dict[str, Callable[[], None]] = {}
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
         if self.execute:
             # One notification may stand for many runs (PostgreSQL folds those of
             # one transaction): count what is claimable, as a poll does.
@@ -111,6 +112,14 @@ class Service:
         another process's change wait for the poll.
         """
         self._notified[notify.CHANGED] = callback
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await ``callback`` when :meth:`lifespan` ends, before the engine closes.
+
+        For what reads the database from the event loop's side (``GET
+        /events``' watcher): it must give its connection back first.
+        """
+        self._on_stop.append(callback)
 
     def _changed(self) -> None:
         """Tell the watcher; the change is committed, so a failure here must not undo the answer."""
@@ -171,7 +180,11 @@ class Service:
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(self.stop)
+            try:
+                for callback in self._on_stop:
+                    await callback()
+            finally:
+                await anyio.to_thread.run_sync(self.stop)
 
     def sweep(self) -> list[int]:
         swept = self.executor.sweep(

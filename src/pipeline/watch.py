@@ -67,6 +67,7 @@ class Watcher:
         self._starting = asyncio.Lock()
         self._woken = asyncio.Event()
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False
         self.looks = 0
 
     @property
@@ -76,6 +77,8 @@ class Watcher:
     async def subscribe(self, pipeline: str | None) -> Subscription:
         """A new subscription, which first receives the runs that can change now."""
         async with self._starting:
+            if self._stopped:
+                raise db.DatabaseBusy("the server is stopping; retry later")
             if self._task is None or self._task.done():
                 await self._look_once()  # the current state, before the first change
                 self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -84,6 +87,23 @@ class Watcher:
             sub.offer(self._current[run_id], data)
         self._subscribers.add(sub)
         return sub
+
+    async def stop(self) -> None:
+        """Stop looking, once the look in flight has ended; before the engine closes.
+
+        A look runs in a worker thread with a connection checked out, and
+        ``Engine.dispose`` closes only the connections checked in: one given
+        back later goes to an orphaned pool, which the garbage collector
+        closes some time after (psycopg warns of it). So the loop is woken
+        and left to end by itself, not cancelled: cancelling a task does not
+        wait for the thread it awaits.
+        """
+        async with self._starting:
+            self._stopped = True
+            task = self._task
+        if task is not None and not task.done():
+            self._woken.set()
+            await task
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
@@ -97,9 +117,11 @@ class Watcher:
     async def _loop(self) -> None:
         self._event_loop = asyncio.get_running_loop()
         last = self._event_loop.time()
-        while self._subscribers:
+        while self._subscribers and not self._stopped:
             with contextlib.suppress(TimeoutError):  # the poll: look anyway
                 await asyncio.wait_for(self._woken.wait(), self._interval)
+            if self._stopped:
+                break
             early = MIN_SPACING - (self._event_loop.time() - last)
             if early > 0:
                 await asyncio.sleep(early)
