@@ -6,6 +6,7 @@ a thread of its own), SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import itertools
@@ -473,3 +474,38 @@ def test_a_look_in_flight_at_shutdown_ends_before_the_engine_closes(db_url):
             listener.close()
     assert at_dispose == [0]
     assert watcher._task is None or watcher._task.done()
+
+
+def test_a_look_that_hangs_holds_the_shutdown_for_a_bounded_time(sqlite_url, caplog):
+    """A database that does not answer must not keep the server from stopping."""
+    settings = Settings(database_url=sqlite_url, api_token=None)
+    app = create_app(settings, registry=[ALPHA, BETA])
+    service, watcher = app.state.service, app.state.watcher
+    release = threading.Event()
+    looked = threading.Event()
+    real_look = watcher._look
+
+    def hanging_look(*args: Any) -> Any:
+        looked.set()
+        release.wait(30)
+        return real_look(*args)
+
+    async def scenario() -> float:
+        service.start()
+        try:
+            await watcher.subscribe(None)
+            watcher._look = hanging_look
+            watcher.wake()
+            await asyncio.get_running_loop().run_in_executor(None, looked.wait, 10)
+            started = time.monotonic()
+            await watcher.stop(timeout=0.3)
+            return time.monotonic() - started
+        finally:
+            release.set()
+            await asyncio.sleep(0.05)
+            service.stop()
+
+    with caplog.at_level("WARNING", logger="pipeline.watch"):
+        waited = asyncio.run(scenario())
+    assert 0.25 <= waited < 5
+    assert any("did not end in 0.3 s" in r.getMessage() for r in caplog.records)

@@ -33,6 +33,8 @@ Encode = Callable[[Run], str]
 QUEUE_SIZE = 1000
 # The shortest time between two looks, however often the database says runs changed.
 MIN_SPACING = 0.1
+# How long a shutdown waits for the look in flight.
+STOP_TIMEOUT = 10.0
 
 
 @dataclass(eq=False, slots=True)
@@ -88,7 +90,7 @@ class Watcher:
         self._subscribers.add(sub)
         return sub
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop looking, once the look in flight has ended; before the engine closes.
 
         A look runs in a worker thread with a connection checked out, and
@@ -96,14 +98,17 @@ class Watcher:
         back later goes to an orphaned pool, which the garbage collector
         closes some time after (psycopg warns of it). So the loop is woken
         and left to end by itself, not cancelled: cancelling a task does not
-        wait for the thread it awaits.
+        wait for the thread it awaits. A look that hangs (a database that
+        does not answer) holds the shutdown for ``timeout`` seconds at most.
         """
         async with self._starting:
             self._stopped = True
             task = self._task
         if task is not None and not task.done():
             self._woken.set()
-            await task
+            _, pending = await asyncio.wait({task}, timeout=timeout)
+            if pending:
+                log.warning("the watcher's look did not end in %.1f s; stopping anyway", timeout)
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
