@@ -457,7 +457,9 @@ def test_a_look_in_flight_at_shutdown_ends_before_the_engine_closes(db_url):
         def slow_look(*args: Any) -> Any:
             with service.engine.connect():  # held through the look, as the real one holds one
                 looked.set()
-                time.sleep(1.0)  # the shutdown starts meanwhile
+                # Still looking when the shutdown starts, and a while after.
+                wait_for(lambda: server.server.should_exit, timeout=20)
+                time.sleep(0.5)
             return real_look(*args)
 
         def dispose(close: bool = True) -> None:
