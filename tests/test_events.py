@@ -511,3 +511,40 @@ def test_a_look_that_hangs_holds_the_shutdown_for_a_bounded_time(sqlite_url, cap
         waited = asyncio.run(scenario())
     assert 0.25 <= waited < 5
     assert any("did not end in 0.3 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_first_look_that_hangs_does_not_hold_the_shutdown(sqlite_url):
+    """A subscription whose first look hangs: stop returns, and its loop ends at once."""
+    settings = Settings(database_url=sqlite_url, api_token=None)
+    app = create_app(settings, registry=[ALPHA, BETA])
+    service, watcher = app.state.service, app.state.watcher
+    release = threading.Event()
+    looked = threading.Event()
+    real_look = watcher._look
+
+    def hanging_look(*args: Any) -> Any:
+        looked.set()
+        release.wait(30)
+        return real_look(*args)
+
+    async def scenario() -> float:
+        service.start()
+        watcher._look = hanging_look
+        subscribing = asyncio.get_running_loop().create_task(watcher.subscribe(None))
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, looked.wait, 10)
+            started = time.monotonic()
+            await watcher.stop(timeout=0.3)
+            waited = time.monotonic() - started
+            release.set()
+            await subscribing  # the first look ends; the loop it starts ends at once
+            deadline = time.monotonic() + 5
+            while not (watcher._task is None or watcher._task.done()):
+                assert time.monotonic() < deadline, "the loop started after the stop still runs"
+                await asyncio.sleep(0.01)
+            return waited
+        finally:
+            release.set()
+            service.stop()
+
+    assert asyncio.run(scenario()) < 5

@@ -99,11 +99,12 @@ class Watcher:
         closes some time after (psycopg warns of it). So the loop is woken
         and left to end by itself, not cancelled: cancelling a task does not
         wait for the thread it awaits. A look that hangs (a database that
-        does not answer) holds the shutdown for ``timeout`` seconds at most.
+        does not answer) holds the shutdown for ``timeout`` seconds at most;
+        so ``_starting`` is not taken (a first look may hold it), and a loop
+        that a subscription starts after this ends at once.
         """
-        async with self._starting:
-            self._stopped = True
-            task = self._task
+        self._stopped = True
+        task = self._task
         if task is not None and not task.done():
             self._woken.set()
             _, pending = await asyncio.wait({task}, timeout=timeout)
