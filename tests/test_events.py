@@ -478,19 +478,32 @@ def test_a_look_in_flight_at_shutdown_ends_before_the_engine_closes(db_url):
     assert watcher._task is None or watcher._task.done()
 
 
-def test_a_look_that_hangs_holds_the_shutdown_for_a_bounded_time(sqlite_url, caplog):
-    """A database that does not answer must not keep the server from stopping."""
+class _Hanging:
+    """A watcher's look that hangs (a database that does not answer) until released."""
+
+    def __init__(self, real_look: Any) -> None:
+        self.looked = threading.Event()
+        self.release = threading.Event()
+        self._real_look = real_look
+
+    def look(self, *args: Any) -> Any:
+        self.looked.set()
+        self.release.wait(30)
+        return self._real_look(*args)
+
+
+def _hanging_look(sqlite_url: str) -> tuple[Any, Any, _Hanging]:
+    """An app's service and watcher, and a hanging look for the watcher to be given."""
     settings = Settings(database_url=sqlite_url, api_token=None)
     app = create_app(settings, registry=[ALPHA, BETA])
-    service, watcher = app.state.service, app.state.watcher
-    release = threading.Event()
-    looked = threading.Event()
-    real_look = watcher._look
+    watcher = app.state.watcher
+    return app.state.service, watcher, _Hanging(watcher._look)
 
-    def hanging_look(*args: Any) -> Any:
-        looked.set()
-        release.wait(30)
-        return real_look(*args)
+
+def test_a_look_that_hangs_holds_the_shutdown_for_a_bounded_time(sqlite_url, caplog):
+    """A database that does not answer must not keep the server from stopping."""
+    service, watcher, hanging = _hanging_look(sqlite_url)
+    hanging_look, looked, release = hanging.look, hanging.looked, hanging.release
 
     async def scenario() -> float:
         service.start()
@@ -515,17 +528,8 @@ def test_a_look_that_hangs_holds_the_shutdown_for_a_bounded_time(sqlite_url, cap
 
 def test_a_first_look_that_hangs_does_not_hold_the_shutdown(sqlite_url):
     """A subscription whose first look hangs: stop returns, and its loop ends at once."""
-    settings = Settings(database_url=sqlite_url, api_token=None)
-    app = create_app(settings, registry=[ALPHA, BETA])
-    service, watcher = app.state.service, app.state.watcher
-    release = threading.Event()
-    looked = threading.Event()
-    real_look = watcher._look
-
-    def hanging_look(*args: Any) -> Any:
-        looked.set()
-        release.wait(30)
-        return real_look(*args)
+    service, watcher, hanging = _hanging_look(sqlite_url)
+    hanging_look, looked, release = hanging.look, hanging.looked, hanging.release
 
     async def scenario() -> float:
         service.start()
