@@ -31,12 +31,20 @@ CLAIM_SELECT_NEXT = (
     "WHERE analysis_runs.status = ? AND analysis_runs.owner IS NULL "
     "ORDER BY analysis_runs.id LIMIT ? OFFSET ?"
 )
-INSERT_PHASES = "INSERT INTO run_phases (run_id, phase_num, label, status, attempts) VALUES "
+INSERT_PHASES = (
+    "INSERT INTO run_phases (run_id, phase_num, label, status, attempts, started_at) VALUES "
+)
 
 
-def insert_phases(count: int) -> str:
-    """``count`` phase rows in one statement, as ``runs._insert_phases`` (1,000 at most)."""
-    return INSERT_PHASES + ", ".join(["(?, ?, ?, ?, ?)"] * count)
+def insert_phases(count: int, *, first_running: bool) -> str:
+    """``count`` phase rows in one statement, as ``runs._insert_phases`` (1,000 at most).
+
+    With ``first_running`` the first row starts at the claim's instant, read
+    back from the run row.
+    """
+    first = AT_BOUNDARY if first_running else "NULL"
+    rows = [f"(?, ?, ?, ?, ?, {first})"] + ["(?, ?, ?, ?, ?, NULL)"] * (count - 1)
+    return INSERT_PHASES + ", ".join(rows)
 
 
 MARK_RUNNING = (
@@ -44,11 +52,6 @@ MARK_RUNNING = (
     "progress_total=?, phase_progress_current=?, phase_progress_total=?, "
     f"started_at=coalesce(analysis_runs.started_at, {NOW}), heartbeat_at={NOW}, owner=? "
     "WHERE analysis_runs.id = ? RETURNING cancel_requested_at"
-)
-START_PHASE = (
-    "UPDATE run_phases SET status=?, attempts=(run_phases.attempts + ?), "
-    f"started_at={AT_BOUNDARY}, finished_at=? "
-    "WHERE run_phases.run_id = ? AND run_phases.phase_num = ?"
 )
 COMPLETE_PHASE = (
     f"UPDATE run_phases SET status=?, finished_at={AT_COMPLETION} "
@@ -100,17 +103,19 @@ def claim(
         conn.execute("COMMIT")
         return None
     run_id = int(row[0])
-    # A fresh run (as every run here is) has no phase rows to read: they are inserted.
-    for start in range(0, len(labels), 1000):
-        chunk = labels[start : start + 1000]
-        values = [v for n, lb in chunk for v in (run_id, n, lb, "pending", 0)]
-        conn.execute(insert_phases(len(chunk)), values)
     first, label = labels[0]
     conn.execute(
         MARK_RUNNING,
         ("running", first, label, 0, len(labels), None, None, owner, run_id),
     ).fetchone()
-    conn.execute(START_PHASE, ("running", 1, run_id, None, run_id, first))
+    # A fresh run (as every run here is) has no phase rows to read: they are
+    # inserted, the first one running from the claim's instant.
+    for start in range(0, len(labels), 1000):
+        chunk = labels[start : start + 1000]
+        values: list[object] = [v for n, lb in chunk for v in (run_id, n, lb, "pending", 0)]
+        if start == 0:
+            values[3:5] = ["running", 1, run_id]  # and the instant's run id
+        conn.execute(insert_phases(len(chunk), first_running=start == 0), values)
     conn.execute("COMMIT")
     return run_id
 

@@ -69,14 +69,25 @@ def statuses(conn: Connection, run_id: int) -> list[str]:
 
 
 def test_a_boundary_is_one_statement_on_postgresql_and_two_on_sqlite(engine):
-    """Claim, cross, finish: on PostgreSQL one statement fewer each, and the same rows."""
+    """Cross and finish: on PostgreSQL one statement fewer each, and the same rows.
+
+    A fresh run's claim is three statements on both.
+    """
     pg = not db.is_sqlite(engine)
     with db.write(engine) as conn:
         run_id = runs.create_run(conn, params={}).id
     with counted(engine) as claim, db.write(engine) as conn:
         assert runs.claim(conn, owner=OWNER, phases=PHASES) is not None
-    # the next queued run, the phase rows, the run row and the first phase row
-    assert len(claim) == (3 if pg else 4), claim
+    # the next queued run, the run row, and its phase rows with the first one started
+    assert len(claim) == 3, claim
+    run = read_run(engine, run_id)
+    assert [(p.status, p.attempts) for p in run.phases] == [
+        ("running", 1),
+        ("pending", 0),
+        ("pending", 0),
+    ]
+    assert run.phases[0].started_at == row_of(engine, run_id).heartbeat_at == run.started_at
+    assert run.phases[1].started_at is None
     with counted(engine) as boundary, db.write(engine) as conn:
         status = runs.finish_phase(
             conn, run_id=run_id, owner=OWNER, phase_num=1, next_phase=(2, "Two"), warnings=[]

@@ -778,35 +778,47 @@ PHASE_ROWS_PER_INSERT = 1000
 
 
 @functools.lru_cache(maxsize=64)
-def _insert_phases(count: int) -> Compiled:
-    """``count`` pending phase rows of run ``b_run``, from ``b_num_i`` and ``b_label_i``."""
-    return Compiled(
-        sa.insert(phases_t).values(
-            [
-                {
-                    "run_id": _b("b_run"),
-                    "phase_num": _b(f"b_num_{i}"),
-                    "label": _b(f"b_label_{i}"),
-                    "status": "pending",
-                    "attempts": 0,
-                }
-                for i in range(count)
-            ]
-        )
-    )
+def _insert_phases(count: int, *, first_running: bool = False) -> Compiled:
+    """``count`` pending phase rows of run ``b_run``, from ``b_num_i`` and ``b_label_i``.
+
+    With ``first_running``, the first row goes in already started, at the
+    instant its claim has just written into the run row: a fresh run's claim
+    inserts its phase rows after marking the run running, and so needs no
+    statement of its own to start the first one.
+    """
+    rows: list[dict[str, Any]] = [
+        {
+            "run_id": _b("b_run"),
+            "phase_num": _b(f"b_num_{i}"),
+            "label": _b(f"b_label_{i}"),
+            "status": "pending",
+            "attempts": 0,
+            "started_at": sa.null(),
+        }
+        for i in range(count)
+    ]
+    if first_running:
+        rows[0].update(status="running", attempts=1, started_at=_BOUNDARY_AT)
+    else:
+        for row in rows:
+            del row["started_at"]
+    return Compiled(sa.insert(phases_t).values(rows))
 
 
 _PHASE_KEYS = [(f"b_num_{i}", f"b_label_{i}") for i in range(PHASE_ROWS_PER_INSERT)]
 
 
-def _add_phase_rows(conn: Connection, run_id: int, phases: Sequence[tuple[int, str]]) -> None:
+def _add_phase_rows(
+    conn: Connection, run_id: int, phases: Sequence[tuple[int, str]], *, started: bool = False
+) -> None:
+    """The run's phase rows, the first one already running when ``started`` (a claim's)."""
     for start in range(0, len(phases), PHASE_ROWS_PER_INSERT):
         chunk = phases[start : start + PHASE_ROWS_PER_INSERT]
         params: dict[str, Any] = {"b_run": run_id}
         for (num_key, label_key), (num, label) in zip(_PHASE_KEYS, chunk, strict=False):
             params[num_key] = num
             params[label_key] = label
-        _insert_phases(len(chunk)).execute(conn, params)
+        _insert_phases(len(chunk), first_running=started and start == 0).execute(conn, params)
 
 
 def claim(
@@ -848,9 +860,8 @@ def _claim_row(
     conn: Connection, row: Any, *, owner: str, phases: Sequence[tuple[int, str]]
 ) -> Claimed | None:
     known: dict[int, str] = {}
-    if row.started_at is None:  # its first start: the phase rows it will keep
-        _add_phase_rows(conn, row.id, phases)
-    else:  # a resumed run: its phase rows say where it stands
+    resumed = row.started_at is not None
+    if resumed:  # its phase rows say where it stands
         rows = conn.execute(_PHASE_STATUSES, {"b_run": row.id}).all()
         if describe_phase_changes(sorted((r.phase_num, r.label) for r in rows), phases):
             return None
@@ -864,11 +875,14 @@ def _claim_row(
         "b_total": len(phases),
         "b_owner": owner,
     }
-    result, started = _CLAIM.execute(conn, params)
+    if resumed:
+        result, started = _CLAIM.execute(conn, params)
+        if not started:
+            _CLAIM.phase_rows.execute(conn, params)
+    else:  # its first start: the run row, then the phase rows it will keep, the first running
+        result = _CLAIM.run_row.execute(conn, params).first()
+        _add_phase_rows(conn, row.id, phases, started=True)
     assert result is not None  # the row is locked by this transaction's claim
-    if not started:
-        _CLAIM.phase_rows.execute(conn, params)
-    resumed = row.started_at is not None
     return Claimed(
         row.id,
         row.params,
