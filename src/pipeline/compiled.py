@@ -254,7 +254,10 @@ def _fetch(form: _Form, dialect: Dialect, cursor: Any) -> list[Any]:
     for r in raw:
         values = list(r)
         for i, read in readers:
-            values[i] = read(values[i])
+            # NULL stays None, as every type of the schema reads it (UTCDateTime,
+            # JSON, Boolean): a boundary's row is its cancel request, mostly NULL.
+            if values[i] is not None:
+                values[i] = read(values[i])
         rows.append(make(values))
     return rows
 

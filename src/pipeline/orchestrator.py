@@ -281,6 +281,8 @@ class RunContext:
         self._begin_attempt()
 
     def _phase_warnings(self) -> list[str]:
+        if len(self.warnings) == self._phase_warnings_from:
+            return []
         return [str(w) for w in self.warnings[self._phase_warnings_from :]]
 
 
@@ -639,7 +641,7 @@ class Executor:
         ``chain`` (the last phase of a pool runner's run), the next run is
         claimed in the phase's transaction and left in ``ctx._chained``.
         """
-        policy = retry_policy(fn)
+        policy: RetryPolicy | None = None  # looked up at the first failure
         attempt = 1
         # Three budgets: a lock or a lost connection spends none of the phase's own.
         retried = {"busy": 0, "connection": 0, "declared": 0}
@@ -658,6 +660,8 @@ class Executor:
                         ctx._committed()
                         return committed
                 self._drop_chained(ctx)  # rolled back with the phase
+                if policy is None:
+                    policy = retry_policy(fn)
                 kind = self._retry_kind(policy, exc, retried)
                 if kind is None:
                     return self._record_end(conn, ctx, owner, exc)
@@ -744,7 +748,7 @@ class Executor:
                 warnings=ctx._phase_warnings(),
                 cancel=ctx.cancel_requested,
                 result=ctx._result,
-                published=list(ctx._staged.values()),
+                published=list(ctx._staged.values()) if ctx._staged else (),
             )
             if status is RunStatus.COMPLETED and chain is not None and not self._stopping.is_set():
                 # Held inside the transaction, as a claim of its own is.

@@ -29,6 +29,10 @@ class InvalidParams(ValueError):
     """Params no reader could handle; the message says what is wrong, for the user."""
 
 
+# One encoder: json.dumps with options builds a new one at each call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
 def validate_params(params: object) -> dict[str, Any]:
     """The params as stored (``None`` means ``{}``), or :class:`InvalidParams`."""
     if params is None:
@@ -36,7 +40,7 @@ def validate_params(params: object) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise InvalidParams("'params' must be a JSON object (or null)")
     _check_tree(params)
-    size = len(json.dumps(params, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+    size = len(_ENCODER.encode(params).encode("utf-8"))
     if size > MAX_BYTES:
         raise InvalidParams(f"'params' is larger than {MAX_BYTES // 1024} KiB as JSON")
     return params

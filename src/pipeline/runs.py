@@ -1163,14 +1163,16 @@ def finish_phase(
         row, phases_written = _CROSS.execute(conn, params)
     if row is None:
         raise RunLost(f"run {run_id} is no longer owned by this runner")
-    add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
-    now = None
-    if published:  # artifacts carry the boundary's instant
-        instant = _READ_COMPLETED_AT if next_phase is None else _READ_BOUNDARY_AT
-        now = instant.execute(conn, {"b_run": run_id}).one()[0]
-    artifacts.save(
-        conn, run_id=run_id, phase_num=phase_num, result=result, artifacts=published, now=now
-    )
+    if warnings:
+        add_warnings(conn, run_id=run_id, phase=phase_num, messages=warnings)
+    if published or result is not None:
+        now = None
+        if published:  # artifacts carry the boundary's instant
+            instant = _READ_COMPLETED_AT if next_phase is None else _READ_BOUNDARY_AT
+            now = instant.execute(conn, {"b_run": run_id}).one()[0]
+        artifacts.save(
+            conn, run_id=run_id, phase_num=phase_num, result=result, artifacts=published, now=now
+        )
     if next_phase is None:
         if not phases_written:
             _FINISH.phase_rows.execute(conn, params)
