@@ -31,7 +31,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from pipeline.compiled import Compiled
+from pipeline.compiled import Compiled, JsonRows
 from pipeline.schema import run_artifacts as artifacts_t
 from pipeline.schema import run_results as results_t
 
@@ -323,6 +323,11 @@ _SUMMARIES_OF_RUN = Compiled(
 _RESULT_PHASES_OF_RUN = Compiled(
     sa.select(results_t.c.run_id, results_t.c.phase_num).where(results_t.c.run_id == _b("b_run"))
 )
+# The same two reads as JSON values of a run's one-statement read (runs.get_run, SQLite).
+RESULT_PHASES_JSON = JsonRows([results_t.c.phase_num], results_t.c.run_id == _b("b_run"))
+SUMMARIES_JSON = JsonRows(
+    [*_SUMMARY_COLUMNS[1:], artifacts_t.c.position], artifacts_t.c.run_id == _b("b_run")
+)
 _RESULTS_OF_RUN = sa.select(results_t.c.phase_num, results_t.c.value).where(
     results_t.c.run_id == _b("b_run")
 )
@@ -407,6 +412,15 @@ def summaries(conn: Connection, *, run_ids: Sequence[int]) -> dict[int, list[Art
             Artifact(row.key, row.phase_num, row.kind, row.title, row.created_at)
         )
     return found
+
+
+def summaries_from(rows: Sequence[Sequence[Any]]) -> list[Artifact]:
+    """:data:`SUMMARIES_JSON`'s rows as a run's artifacts, in phase order (as :func:`summaries`)."""
+    ordered = sorted(rows, key=lambda r: (r[1], r[5], r[0]))  # phase, position, key
+    return [
+        Artifact(key, phase, kind, title, created_at)
+        for key, phase, kind, title, created_at, _ in ordered
+    ]
 
 
 def get_result(conn: Connection, *, run_id: int, phase_num: int) -> str | None:

@@ -32,6 +32,7 @@ hands the statement to ``conn.execute``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -287,3 +288,41 @@ def _through_sqlalchemy(
     result = conn.execute(statement, params)
     rows = list(result) if result.returns_rows else []
     return Rows(rows, result.rowcount)
+
+
+# -- several tables' rows in one statement (SQLite) ------------------------------
+
+
+class JsonRows:
+    """The rows of ``columns`` matching ``where``, as one JSON value of a statement (SQLite).
+
+    ``subquery`` is a scalar subquery giving a JSON array of ``[column, ...]``
+    arrays, in no particular order (``json_group_array``), so that a run and
+    its phases, warnings and artifacts come back as one row: one statement,
+    one step of the driver. :meth:`read` turns it back into rows, each value
+    read as its column's type reads it.
+    """
+
+    def __init__(self, columns: Sequence[sa.ColumnElement[Any]], where: sa.ColumnElement[bool]):
+        self.columns = tuple(columns)
+        self.subquery = (
+            sa.select(sa.func.json_group_array(sa.func.json_array(*self.columns)))
+            .where(where)
+            .scalar_subquery()
+        )
+        self._readers: dict[str, tuple[tuple[int, Processor], ...]] = {}
+
+    def read(self, text: str, dialect: Dialect) -> list[list[Any]]:
+        readers = self._readers.get(dialect.name)
+        if readers is None:
+            found = [
+                (i, column.type.dialect_impl(dialect).result_processor(dialect, None))
+                for i, column in enumerate(self.columns)
+            ]
+            readers = self._readers[dialect.name] = tuple((i, p) for i, p in found if p)
+        rows: list[list[Any]] = json.loads(text)
+        for row in rows:
+            for i, read in readers:
+                if row[i] is not None:
+                    row[i] = read(row[i])
+        return rows

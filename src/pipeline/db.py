@@ -298,8 +298,8 @@ class SQLiteConnection(sqlite3.Connection):
         if kept is not None:
             kept.close()
 
-    def defer_begin(self, begin: str = "BEGIN IMMEDIATE") -> None:
-        """The transaction begins just before its first statement, with ``begin``."""
+    def defer_begin(self, begin: str | None = "BEGIN IMMEDIATE") -> None:
+        """The transaction begins just before its first statement, with ``begin`` (None: never)."""
         self._begin = begin
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
@@ -381,14 +381,15 @@ _DRIVER = "pipeline_pysqlite"
 registry.register(f"sqlite.{_DRIVER}", __name__, "_SQLiteDialect")
 
 
-def read_only(conn: Connection) -> None:
+def read_only(conn: Connection, *, snapshot: bool = True) -> None:
     """The transaction just begun on ``conn`` only reads: on SQLite, a deferred ``BEGIN``.
 
     Readers then never wait for a writer (WAL lets them read the last commit).
+    Without ``snapshot`` (a read of one statement) no ``BEGIN`` is sent at all.
     """
     dbapi = conn.connection.dbapi_connection
     if isinstance(dbapi, SQLiteConnection):
-        dbapi.defer_begin("BEGIN")
+        dbapi.defer_begin("BEGIN" if snapshot else None)
 
 
 def is_lock_error(exc: BaseException) -> bool:
@@ -458,7 +459,7 @@ def write(engine: Engine) -> Iterator[Connection]:
 
 
 @contextmanager
-def read(engine: Engine) -> Iterator[Connection]:
+def read(engine: Engine, *, one_statement: bool = False) -> Iterator[Connection]:
     """One read transaction: a consistent snapshot that never waits for writers.
 
     A run and its phases are several statements; under PostgreSQL's default
@@ -467,12 +468,17 @@ def read(engine: Engine) -> Iterator[Connection]:
     one snapshot, as SQLite's WAL does; a transaction that only reads never
     meets its serialization failures, and psycopg puts the level in its BEGIN
     (no extra round trip).
+
+    ``one_statement``: the caller sends one statement on SQLite, which is a
+    snapshot by itself, so no ``BEGIN`` and ``COMMIT`` are sent: two steps
+    of the driver fewer, each of which lets another thread take the GIL (a
+    ``GET /runs/{id}`` reads on the event loop, beside the runners).
     """
     with translate_errors(), engine.connect() as conn:
         if engine.dialect.name == "postgresql":
             conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
-            read_only(conn)
+            read_only(conn, snapshot=not one_statement)
             yield conn
 
 

@@ -345,7 +345,7 @@ class Service:
         # The live progress is read before the row: read after, it could
         # belong to the next phase already, and the percent would drop.
         live = self.executor.live_progress(run_id)
-        with db.read(self.engine) as conn:
+        with db.read(self.engine, one_statement=db.is_sqlite(self.engine)) as conn:
             run = runs.get_run(conn, run_id=run_id)
         if run is None:
             return None
