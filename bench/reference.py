@@ -39,18 +39,22 @@ INSERT_PHASES = (
 def insert_phases(count: int, *, first_running: bool) -> str:
     """``count`` phase rows in one statement, as ``runs._insert_phases`` (1,000 at most).
 
-    With ``first_running`` the first row starts at the claim's instant, read
-    back from the run row.
+    With ``first_running`` the first row starts now, and the claim's run row
+    takes that instant from it (``START_FRESH_RUN``).
     """
-    first = AT_BOUNDARY if first_running else "NULL"
+    first = NOW if first_running else "NULL"
     rows = [f"(?, ?, ?, ?, ?, {first})"] + ["(?, ?, ?, ?, ?, NULL)"] * (count - 1)
     return INSERT_PHASES + ", ".join(rows)
 
 
-MARK_RUNNING = (
+FIRST_STARTED = (
+    "(SELECT run_phases.started_at FROM run_phases "
+    "WHERE run_phases.run_id = ? AND run_phases.phase_num = ?)"
+)
+START_FRESH_RUN = (
     "UPDATE analysis_runs SET status=?, current_phase=?, phase_label=?, progress_current=?, "
     "progress_total=?, phase_progress_current=?, phase_progress_total=?, "
-    f"started_at=coalesce(analysis_runs.started_at, {NOW}), heartbeat_at={NOW}, owner=? "
+    f"started_at={FIRST_STARTED}, heartbeat_at={FIRST_STARTED}, owner=? "
     "WHERE analysis_runs.id = ? RETURNING cancel_requested_at"
 )
 COMPLETE_PHASE = (
@@ -103,19 +107,18 @@ def claim(
         conn.execute("COMMIT")
         return None
     run_id = int(row[0])
-    first, label = labels[0]
-    conn.execute(
-        MARK_RUNNING,
-        ("running", first, label, 0, len(labels), None, None, owner, run_id),
-    ).fetchone()
     # A fresh run (as every run here is) has no phase rows to read: they are
-    # inserted, the first one running from the claim's instant.
+    # inserted, the first one running from now, and the run row takes its instant.
     for start in range(0, len(labels), 1000):
         chunk = labels[start : start + 1000]
         values: list[object] = [v for n, lb in chunk for v in (run_id, n, lb, "pending", 0)]
         if start == 0:
-            values[3:5] = ["running", 1, run_id]  # and the instant's run id
+            values[3:5] = ["running", 1]
         conn.execute(insert_phases(len(chunk), first_running=start == 0), values)
+    first, label = labels[0]
+    counters = ("running", first, label, 0, len(labels), None, None)
+    instant = (run_id, first)  # the first phase row's started_at, for both columns
+    conn.execute(START_FRESH_RUN, (*counters, *instant, *instant, owner, run_id)).fetchone()
     conn.execute("COMMIT")
     return run_id
 

@@ -832,10 +832,11 @@ PHASE_ROWS_PER_INSERT = 1000
 def _insert_phases(count: int, *, first_running: bool = False) -> Compiled:
     """``count`` pending phase rows of run ``b_run``, from ``b_num_i`` and ``b_label_i``.
 
-    With ``first_running``, the first row goes in already started, at the
-    instant its claim has just written into the run row: a fresh run's claim
-    inserts its phase rows after marking the run running, and so needs no
-    statement of its own to start the first one.
+    With ``first_running``, the first row goes in already started, now: a
+    fresh run's claim then marks the run running at that instant
+    (``_START_FRESH_RUN``), and needs no statement of its own to start the
+    first phase. The instant is taken after the rows are in, so the first
+    phase's time does not hold the insertion of a long registry's rows.
     """
     rows: list[dict[str, Any]] = [
         {
@@ -849,7 +850,7 @@ def _insert_phases(count: int, *, first_running: bool = False) -> Compiled:
         for i in range(count)
     ]
     if first_running:
-        rows[0].update(status="running", attempts=1, started_at=_BOUNDARY_AT)
+        rows[0].update(status="running", attempts=1, started_at=db_now())
     else:
         for row in rows:
             del row["started_at"]
@@ -931,8 +932,8 @@ def _claim_row(
         if not started:
             _CLAIM.phase_rows.execute(conn, params)
     else:  # its first start: the run row, then the phase rows it will keep, the first running
-        result = _CLAIM.run_row.execute(conn, params).first()
         _add_phase_rows(conn, row.id, phases, started=True)
+        result = _START_FRESH_RUN.execute(conn, params).first()
     assert result is not None  # the row is locked by this transaction's claim
     return Claimed(
         row.id,
@@ -1046,6 +1047,17 @@ _MARK_RUNNING_ROW = (
         phase_progress_total=None,
         owner=_b("b_owner"),
         heartbeat_at=db_now(),
+    )
+)
+# A fresh run's claim: running from the instant its first phase row started.
+_FIRST_STARTED = (
+    sa.select(phases_t.c.started_at)
+    .where(phases_t.c.run_id == _b("b_run"), phases_t.c.phase_num == _b("b_phase"))
+    .scalar_subquery()
+)
+_START_FRESH_RUN = Compiled(
+    _MARK_RUNNING_ROW.values(started_at=_FIRST_STARTED, heartbeat_at=_FIRST_STARTED).returning(
+        runs_t.c.cancel_requested_at
     )
 )
 _ADVANCE_RUN_ROW = (
