@@ -99,7 +99,9 @@ class _WriteGate:
     runs of 5 no-op phases, 4 runners: 1,257 runs/s against 1,097 with 32
     retakes; 20 ms gave 1,176, 100 ms 1,210; one runner 1,219). In full
     benchmark runs 4 runners were still 0.80x-0.92x of one: their threads
-    use 8-14% more CPU a run, for reasons not found. A runner waits at most
+    use 8-14% more CPU a run, for reasons not found. On a later machine a
+    slice of 200 ms gave 4 runners 0.97x of Huey against 0.94x with 50 ms
+    (medians of 3 interleaved triples, the same minutes). A runner waits at most
     a slice for each runner ahead of it, which runs of real phases never
     meet: a runner that leaves the gate free is computing, and the next one
     takes it at its next look. Requests are handed the gate at once, as
@@ -107,7 +109,7 @@ class _WriteGate:
     """
 
     FOREGROUND_RUN = 4
-    BACKGROUND_SLICE = 0.05
+    BACKGROUND_SLICE = 0.2
     POLL_SECONDS = 0.01
 
     def __init__(self) -> None:
