@@ -931,7 +931,7 @@ def _claim_row(
         result, started = _CLAIM.execute(conn, params)
         if not started:
             _CLAIM.phase_rows.execute(conn, params)
-    else:  # its first start: the run row, then the phase rows it will keep, the first running
+    else:  # its first start: the phase rows it will keep, the first one running, then the run
         _add_phase_rows(conn, row.id, phases, started=True)
         result = _START_FRESH_RUN.execute(conn, params).first()
     assert result is not None  # the row is locked by this transaction's claim
