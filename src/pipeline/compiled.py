@@ -254,13 +254,20 @@ def _fetch(form: _Form, dialect: Dialect, cursor: Any) -> list[Any]:
     rows = []
     for r in raw:
         values = list(r)
-        for i, read in readers:
-            # NULL stays None, as every type of the schema reads it (UTCDateTime,
-            # JSON, Boolean): a boundary's row is its cancel request, mostly NULL.
-            if values[i] is not None:
-                values[i] = read(values[i])
+        _read_values(values, readers)
         rows.append(make(values))
     return rows
+
+
+def _read_values(values: list[Any], readers: Sequence[tuple[int, Processor]]) -> None:
+    """Each value that has a reader, read in place.
+
+    NULL stays None, as every type of the schema reads it (UTCDateTime, JSON,
+    Boolean): a boundary's row is its cancel request, mostly NULL.
+    """
+    for i, read in readers:
+        if values[i] is not None:
+            values[i] = read(values[i])
 
 
 def _wrapped(conn: Connection, exc: Any, sql: str, params: Any, cursor: Any) -> sa.exc.DBAPIError:
@@ -322,7 +329,5 @@ class JsonRows:
             readers = self._readers[dialect.name] = tuple((i, p) for i, p in found if p)
         rows: list[list[Any]] = json.loads(text)
         for row in rows:
-            for i, read in readers:
-                if row[i] is not None:
-                    row[i] = read(row[i])
+            _read_values(row, readers)
         return rows
