@@ -88,6 +88,27 @@ def test_runner_connection_has_the_sqlite_pragmas(sqlite_url):
     assert seen["synchronous"] == 1  # NORMAL
 
 
+def test_the_pool_hands_out_the_connection_returned_last(db_url):
+    """LIFO: the warm connection serves the next request, not the one idle longest.
+
+    On SQLite a connection that another one wrote after reads its pages again.
+    """
+    engine = db.create_engine(db_url, pool_size=10, max_overflow=40)
+    try:
+        first, second = engine.connect(), engine.connect()
+        first_dbapi = first.connection.dbapi_connection
+        second_dbapi = second.connection.dbapi_connection
+        first.close()
+        second.close()  # returned last
+        with engine.connect() as again:
+            assert again.connection.dbapi_connection is second_dbapi
+        with engine.connect() as again, engine.connect() as other:
+            assert again.connection.dbapi_connection is second_dbapi
+            assert other.connection.dbapi_connection is first_dbapi
+    finally:
+        engine.dispose()
+
+
 def test_foreign_key_violation_inside_a_phase_fails_the_run(db_url, engine):
     """foreign_keys=ON is in force on the runner's connection: a dangling reference fails."""
 

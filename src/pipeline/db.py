@@ -221,6 +221,11 @@ def create_engine(
     ``background`` (runners): on SQLite, its writers let requests' writers go first.
     """
     sa_url = sa.make_url(url)
+    # The pool hands out the connection returned last, not the one idle
+    # longest: on SQLite a connection that another one wrote after finds
+    # its page cache stale and reads the pages again. With 3 connections in
+    # the pool, taking them in turn made a creation 17 µs (20%) dearer.
+    kwargs.setdefault("pool_use_lifo", True)
     if sa_url.get_backend_name() != "sqlite":
         if lock_timeout_ms is not None and sa_url.get_backend_name() == "postgresql":
             options = f"-c lock_timeout={int(lock_timeout_ms)}"
@@ -236,6 +241,7 @@ def create_engine(
     if in_memory:  # one connection per thread (SingletonThreadPool): no pool to size
         kwargs.pop("pool_size", None)
         kwargs.pop("max_overflow", None)
+        kwargs.pop("pool_use_lifo", None)
     engine = sa.create_engine(sa_url.set(drivername=f"sqlite+{_DRIVER}"), **kwargs)
     gate = None if in_memory else _gate_for(os.path.realpath(database))
 
