@@ -107,6 +107,11 @@ def test_the_pool_hands_out_the_connection_returned_last(db_url):
             assert other.connection.dbapi_connection is first_dbapi
     finally:
         engine.dispose()
+    # A pool of the caller's choosing, which has no such option, still works.
+    unpooled = db.create_engine(db_url, poolclass=sa.NullPool)
+    with unpooled.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    unpooled.dispose()
 
 
 def test_foreign_key_violation_inside_a_phase_fails_the_run(db_url, engine):
